@@ -1,0 +1,499 @@
+"""The engine: one base model, its tokenizer, named LoRA adapters, the locks and the jobs.
+
+The Jaseci actions, the HTTP service and the CLI are thin layers over one Engine.
+Forward passes and model changes hold ``_model_lock``; generate requests go through
+a micro-batcher whose single worker owns the model while a batch runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from . import adapters as adp
+from .batching import MicroBatcher
+from .errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, suggest
+from .generation import (
+    GenerationRequest,
+    Limits,
+    cut_at_stop,
+    validate_messages,
+    validate_options,
+    validate_stop,
+)
+from .jobs import JobManager
+from .loader import LoadedModel, load_model
+from .paths import resolve_user_path
+from .prompts import render_prompt
+from .state import SavedState, StateFile
+
+log = logging.getLogger(__name__)
+
+SETUP_KEYS = ("model_name", "tokenizer_name", "tokenizer_kwargs", "model_kwargs", "device", "dtype")
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        data_root: str | Path | None = None,
+        state_file: StateFile | None = None,
+        limits: Limits | None = None,
+        batching: bool = True,
+        batch_window_s: float = 0.0,
+        max_batch: int = 16,
+    ) -> None:
+        self.data_root = Path(data_root).resolve() if data_root else None
+        self.state_file = state_file or StateFile()
+        self.limits = limits or Limits(max_prompts=256)
+        self.max_batch = max_batch
+        self.jobs = JobManager()
+        self._loaded: LoadedModel | None = None
+        self._model = None  # the base model, or a PeftModel around it once adapters are loaded
+        self._setup_args: dict = {}
+        self._adapters: dict[str, adp.AdapterInfo] = {}
+        self._default_adapter: str | None = None
+        self._model_lock = threading.RLock()
+        self._setup_lock = threading.Lock()
+        self._batcher = (
+            MicroBatcher(self._run_batch, key=GenerationRequest.batch_key,
+                         size=lambda r: len(r.texts) * r.num_return_sequences,
+                         window_s=batch_window_s, max_batch=max_batch)
+            if batching else None
+        )
+
+    # ----------------------------------------------------------------- setup
+    @property
+    def ready(self) -> bool:
+        return self._loaded is not None
+
+    def setup(
+        self,
+        model_name: str | None = None,
+        lora_dir: str | None = None,
+        tokenizer_name: str | None = None,
+        *,
+        tokenizer_kwargs: dict | None = None,
+        model_kwargs: dict | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        adapters: dict[str, str] | None = None,
+        restore: bool = False,
+    ) -> dict:
+        """Load (or replace) the base model, then the given adapters; ``restore`` reloads the last setup."""
+        if restore:
+            saved = self.state_file.read()
+            if saved and saved.setup:
+                log.info("Restoring the last setup: %s", saved.setup)
+                return self._setup_from_saved(saved)
+        args = {
+            "model_name": model_name, "tokenizer_name": tokenizer_name, "tokenizer_kwargs": tokenizer_kwargs,
+            "model_kwargs": model_kwargs, "device": device, "dtype": dtype,
+        }
+        self._check_setup_args(args, adapters, lora_dir)
+        adapter_paths = dict(adapters or {})
+        default = None
+        if lora_dir:
+            default = _adapter_name_for(Path(lora_dir))
+            adapter_paths[default] = lora_dir
+        return self._load(args, adapter_paths, default=default)
+
+    def _setup_from_saved(self, saved: SavedState) -> dict:
+        live = {n: p for n, p in saved.adapters.items() if Path(p).exists()}
+        default = saved.default_adapter if saved.default_adapter in live else None
+        return self._load(saved.setup, live, default=default, skip_bad_adapters=True)
+
+    def _check_setup_args(self, args: dict, adapters: Any, lora_dir: Any) -> None:
+        for key in ("tokenizer_kwargs", "model_kwargs"):
+            if args[key] is not None and not isinstance(args[key], dict):
+                raise InvalidInput(f"{key} must be an object of keyword arguments, got {args[key]!r}.")
+        if adapters is not None and not isinstance(adapters, dict):
+            raise InvalidInput(f"adapters must be an object {{name: path}}, got {adapters!r}.")
+        if lora_dir is not None and not isinstance(lora_dir, str):
+            raise InvalidInput(f"lora_dir must be a path string, got {lora_dir!r}.")
+        if args["model_name"] and self.data_root and Path(args["model_name"]).expanduser().exists():
+            resolve_user_path(args["model_name"], self.data_root, must_exist=True, what="model_name")
+
+    def _load(self, args: dict, adapter_paths: dict, default: str | None, skip_bad_adapters=False) -> dict:
+        if not self._setup_lock.acquire(blocking=False):
+            raise Conflict("Another setup is running; wait for it to finish, then call setup again.")
+        try:
+            loaded = load_model(**args)  # outside the model lock: generation goes on meanwhile
+            model, infos = loaded.model, {}
+            for name, path in adapter_paths.items():
+                try:
+                    adapter_dir = adp.find_adapter_dir(
+                        resolve_user_path(path, self.data_root, must_exist=True, what=f"adapter {name!r}"))
+                    model = adp.attach(model, adapter_dir, adp.check_name(name))
+                    infos[name] = adp.read_info(name, adapter_dir)
+                except Exception as exc:
+                    if not skip_bad_adapters:
+                        raise
+                    log.warning("Skipping adapter %s from %s: %s", name, path, exc)
+            with self._model_lock:
+                self._loaded, self._model, self._setup_args = loaded, model, args
+                self._adapters, self._default_adapter = infos, default if default in infos else None
+            self._save_state()
+            return self.describe(seconds=loaded.seconds)
+        finally:
+            self._setup_lock.release()
+
+    def ensure_ready(self) -> None:
+        """Load the default model (or the last setup) when nothing is loaded yet."""
+        if not self.ready:
+            self.setup(restore=True)
+
+    def describe(self, **extra: Any) -> dict:
+        if not self.ready:
+            return {"ready": False, "model": None, "adapters": [], **extra}
+        loaded = self._loaded
+        base = self._model.get_base_model() if self._adapters else self._model
+        return {
+            "ready": True,
+            "model": loaded.name,
+            "source": loaded.source,
+            "parameters": sum(p.numel() for p in base.parameters()),
+            "device": loaded.device,
+            "dtype": loaded.dtype,
+            "context_length": self._context_length(),
+            "chat_template": bool(getattr(loaded.tokenizer, "chat_template", None)),
+            "adapters": sorted(self._adapters),
+            "default_adapter": self._default_adapter,
+            **extra,
+        }
+
+    def _save_state(self) -> None:
+        setup = {k: v for k, v in self._setup_args.items() if v is not None}
+        self.state_file.write(SavedState(
+            setup=setup,
+            adapters={n: i.path for n, i in self._adapters.items()},
+            default_adapter=self._default_adapter,
+        ))
+
+    def _context_length(self) -> int:
+        config = self._loaded.model.config
+        return int(getattr(config, "max_position_embeddings", 0) or 2048)
+
+    @property
+    def tokenizer(self):
+        self.ensure_ready()
+        return self._loaded.tokenizer
+
+    # -------------------------------------------------------------- adapters
+    def load_adapter(self, path: str, name: str | None = None, *, replace: bool = False,
+                     make_default: bool = False) -> dict:
+        self.ensure_ready()
+        resolved = resolve_user_path(path, self.data_root, must_exist=True, what="adapter path")
+        adapter_dir = adp.find_adapter_dir(resolved)
+        name = adp.check_name(name or _adapter_name_for(resolved))
+        info = adp.read_info(name, adapter_dir)
+        start = time.perf_counter()
+        with self._model_lock:
+            if name in self._adapters and not replace:
+                raise Conflict(f"An adapter named {name!r} is already loaded; unload it first or pick another name.")
+            old = self._adapters.get(name)
+            if old:
+                self._model = adp.detach(self._model, name)
+            try:
+                self._model = adp.attach(self._model, adapter_dir, name)
+            except Exception:
+                if old:  # put the previous weights back: a failed reload loses nothing
+                    self._model = adp.attach(self._model, Path(old.path), name)
+                raise
+            self._adapters[name] = info
+            if make_default:
+                self._default_adapter = name
+        self._save_state()
+        return {**info.to_dict(), "seconds": round(time.perf_counter() - start, 4)}
+
+    def unload_adapter(self, name: str) -> dict:
+        self.ensure_ready()
+        with self._model_lock:
+            self._require_adapter(name)
+            self._model = adp.detach(self._model, name)
+            info = self._adapters.pop(name)
+            if self._default_adapter == name:
+                self._default_adapter = None
+        self._save_state()
+        return {"unloaded": name, "path": info.path, "adapters": sorted(self._adapters)}
+
+    def list_adapters(self) -> list[dict]:
+        return [
+            {**info.to_dict(), "default": name == self._default_adapter}
+            for name, info in sorted(self._adapters.items())
+        ]
+
+    def set_default_adapter(self, name: str | None) -> dict:
+        self.ensure_ready()
+        if name is not None:
+            self._require_adapter(name)
+        self._default_adapter = name
+        self._save_state()
+        return {"default_adapter": name}
+
+    def _require_adapter(self, name: Any) -> adp.AdapterInfo:
+        if not isinstance(name, str) or name not in self._adapters:
+            loaded = ", ".join(sorted(self._adapters)) or "none"
+            raise NotFound(
+                f"No adapter named {name!r} is loaded (loaded: {loaded}).{suggest(str(name), self._adapters)} "
+                "Load it with llm.load_adapter(path, name)."
+            )
+        return self._adapters[name]
+
+    def adapter_for(self, adapter: str | None) -> str | None:
+        """The adapter a request runs with: the named one, else the default one, else None (base)."""
+        if adapter in (None, ""):
+            return self._default_adapter
+        if adapter in ("base", adp.BASE):
+            return None
+        self._require_adapter(adapter)
+        return adapter
+
+    # ------------------------------------------------------------ generation
+    def build_request(
+        self,
+        prompt: str | list[str] | None = None,
+        *,
+        messages: list[dict] | None = None,
+        chat: bool = False,
+        system_prompt: str | None = None,
+        adapter: str | None = None,
+        return_full_text: bool | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        **options: Any,
+    ) -> GenerationRequest:
+        self.ensure_ready()
+        texts, single = self._prompt_texts(prompt, messages, chat, system_prompt)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise InvalidInput(f"seed must be an integer, got {seed!r}.")
+        options = validate_options(options, self.limits)
+        templated = bool(chat or messages)
+        return GenerationRequest(
+            texts=texts,
+            adapter=self.adapter_for(adapter),
+            options=options,
+            return_full_text=(not templated) if return_full_text is None else bool(return_full_text),
+            stop=validate_stop(stop),
+            seed=seed if options.get("do_sample") else None,
+            single=single,
+        )
+
+    def _prompt_texts(self, prompt, messages, chat, system_prompt) -> tuple[list[str], bool]:
+        tokenizer = self._loaded.tokenizer
+        if messages is not None:
+            if prompt not in (None, ""):
+                raise InvalidInput("Pass either prompt or messages, not both.")
+            return [render_prompt(tokenizer, validate_messages(messages))], True
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else prompt
+        if not isinstance(prompts, list) or not prompts:
+            raise InvalidInput(f"prompt must be a string or a non-empty list of strings, got {prompt!r}.")
+        if self.limits.max_prompts and len(prompts) > self.limits.max_prompts:
+            raise PayloadTooLarge(
+                f"{len(prompts)} prompts in one call is over the cap of {self.limits.max_prompts}; "
+                "split them into several calls."
+            )
+        for i, text in enumerate(prompts):
+            if not isinstance(text, str) or not text.strip():
+                raise InvalidInput(f"prompt{'' if single else f'[{i}]'} is empty or not a string; give some text.")
+            if self.limits.max_prompt_chars and len(text) > self.limits.max_prompt_chars:
+                raise PayloadTooLarge(
+                    f"A prompt of {len(text)} characters is over the cap of {self.limits.max_prompt_chars}; "
+                    "shorten it."
+                )
+        if chat:
+            system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+            prompts = [render_prompt(tokenizer, system + [{"role": "user", "content": p}]) for p in prompts]
+        return prompts, single
+
+    def generate(self, prompt: str | list[str] | None = None, **kwargs: Any) -> list:
+        """``[{"generated_text": ...}]`` for one prompt; one such list per prompt for a list."""
+        request = self.build_request(prompt, **kwargs)
+        if self._batcher is None:
+            with self._model_lock:
+                return self._run_batch([request])[0]
+        return self._batcher.submit(request).result()
+
+    def _run_batch(self, requests: list[GenerationRequest]) -> list:
+        """Run requests sharing options as one (chunked) batch; return one result per request."""
+        rows = [(r, i, text) for r in requests for i, text in enumerate(r.texts)
+                for _ in range(r.num_return_sequences)]
+        outputs: list[str] = []
+        with self._model_lock:
+            for start in range(0, len(rows), self.max_batch):
+                outputs += self._generate_rows(requests[0], rows[start:start + self.max_batch])
+        results, cursor = [], 0
+        for r in requests:
+            per_prompt = []
+            for text in r.texts:
+                group = outputs[cursor:cursor + r.num_return_sequences]
+                cursor += r.num_return_sequences
+                per_prompt.append([{"generated_text": (text + out) if r.return_full_text else out} for out in group])
+            results.append(per_prompt[0] if r.single else per_prompt)
+        return results
+
+    def _generate_rows(self, template: GenerationRequest, rows: list) -> list[str]:
+        import torch
+
+        tokenizer, model = self._loaded.tokenizer, self._model
+        texts = [text for _, _, text in rows]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(self._loaded.device) for k, v in enc.items()}
+        prompt_len = enc["input_ids"].shape[1]
+        options = dict(template.options, num_return_sequences=1)
+        self._fit_context(options, int(enc["attention_mask"].sum(dim=1).max()))
+        extra: dict[str, Any] = {}
+        if self._adapters:
+            extra["adapter_names"] = [r.adapter or adp.BASE for r, _, _ in rows]
+        if template.stop:
+            extra.update(stop_strings=template.stop, tokenizer=tokenizer)
+        if template.seed is not None:
+            torch.manual_seed(template.seed)
+        with torch.inference_mode():
+            out = model.generate(**enc, **options, **extra, pad_token_id=tokenizer.pad_token_id)
+        texts_out = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
+        return [cut_at_stop(t, template.stop) for t in texts_out]
+
+    def _fit_context(self, options: dict, longest_prompt: int) -> None:
+        context = self._context_length()
+        if longest_prompt >= context:
+            raise InvalidInput(
+                f"The prompt is {longest_prompt} tokens but the model's context is {context}; shorten the prompt."
+            )
+        if "max_new_tokens" in options:
+            options["max_new_tokens"] = min(options["max_new_tokens"], context - longest_prompt)
+
+    def stream(self, prompt: str | None = None, **kwargs: Any) -> Iterator[str]:
+        """Yield the completion of one prompt piece by piece as it is generated."""
+        from transformers import TextIteratorStreamer
+
+        request = self.build_request(prompt, **kwargs)
+        if len(request.texts) != 1 or request.num_return_sequences != 1:
+            raise InvalidInput("Streaming takes one prompt and num_return_sequences=1.")
+        tokenizer = self._loaded.tokenizer
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            import torch
+
+            try:
+                with self._model_lock, torch.inference_mode():
+                    enc = tokenizer(request.texts, return_tensors="pt", add_special_tokens=False)
+                    enc = {k: v.to(self._loaded.device) for k, v in enc.items()}
+                    options = dict(request.options)
+                    self._fit_context(options, enc["input_ids"].shape[1])
+                    extra = {"adapter_names": [request.adapter or adp.BASE]} if self._adapters else {}
+                    if request.seed is not None:
+                        torch.manual_seed(request.seed)
+                    self._model.generate(**enc, **options, **extra, streamer=streamer,
+                                         pad_token_id=tokenizer.pad_token_id)
+            except BaseException as exc:
+                failure.append(exc)
+                streamer.end()
+
+        threading.Thread(target=work, name="llm-stream", daemon=True).start()
+        emitted = ""
+        for piece in streamer:
+            emitted += piece
+            cut = cut_at_stop(emitted, request.stop) if request.stop else emitted
+            if len(cut) < len(emitted):
+                yield cut[len(emitted) - len(piece):]
+                break
+            yield piece
+        if failure:
+            raise failure[0]
+
+    # --------------------------------------------------- training and jobs
+    def train(self, data_file: str, output_dir: str, training_params: dict | None = None,
+              resume_from_checkpoint: bool | str = False, *, adapter_name: str | None = None,
+              background: bool = False, **kwargs: Any) -> dict:
+        from .training import check_output_dir, train_adapter
+
+        self.ensure_ready()
+        data_path = resolve_user_path(data_file, self.data_root, must_exist=True, what="data_file")
+        out_path = resolve_user_path(output_dir, self.data_root, must_exist=False, what="output_dir")
+        name = adp.check_name(adapter_name or out_path.name)
+        for info in self._adapters.values():
+            live = Path(info.path).resolve()
+            if out_path == live or live in out_path.parents:
+                raise Conflict(
+                    f"output_dir {output_dir!r} is the folder of the loaded adapter {info.name!r}; training there "
+                    "would overwrite it. Pick a new output_dir (its final/ folder becomes the adapter)."
+                )
+        check_output_dir(out_path, resume_from_checkpoint)
+        if isinstance(resume_from_checkpoint, str):
+            resume_from_checkpoint = str(resolve_user_path(
+                resume_from_checkpoint, self.data_root, must_exist=True, what="resume_from_checkpoint"))
+        for job in self.jobs.active():
+            if job.kind == "train" and job.params.get("output_dir") == str(out_path):
+                raise Conflict(f"Job {job.id} is already training into {output_dir!r}; wait or cancel it.")
+        params = {"data_file": str(data_path), "output_dir": str(out_path), "adapter_name": name}
+
+        def work(progress, cancel) -> dict:
+            fresh = load_model(**self._setup_args)  # a private copy: serving goes on untouched
+            result = train_adapter(
+                fresh.model, fresh.tokenizer, data_file=data_path, output_dir=out_path,
+                training_params=training_params, resume_from_checkpoint=resume_from_checkpoint,
+                progress=progress, cancel=cancel, base_model_name=self._loaded.name,
+                show_progress=not background, **kwargs,
+            )
+            del fresh
+            if not result.get("cancelled"):
+                result["adapter"] = self.load_adapter(result["adapter_dir"], name, replace=True)["name"]
+            return result
+
+        if background:
+            job = self.jobs.start("train", params, work)
+            return {"job_id": job.id, "state": job.state, **params}
+        return work(lambda progress: None, threading.Event())
+
+    def evaluate(self, data_file: str, adapter: str | None = None, **kwargs: Any) -> dict:
+        from .training import evaluate_model
+
+        self.ensure_ready()
+        data_path = resolve_user_path(data_file, self.data_root, must_exist=True, what="data_file")
+        name = self.adapter_for(adapter) if adapter not in (None, "") else None
+        with self._model_lock:
+            result = evaluate_model(self._model, self._loaded.tokenizer, data_file=data_path,
+                                    adapter=name if self._adapters else None, **kwargs)
+        return {"adapter": name, **result}
+
+    def job_status(self, job_id: str) -> dict:
+        return self.jobs.get(job_id).to_dict()
+
+    def cancel_job(self, job_id: str) -> dict:
+        return self.jobs.cancel(job_id).to_dict()
+
+    def list_jobs(self) -> list[dict]:
+        return [job.to_dict() for job in self.jobs.list()]
+
+    def close(self) -> None:
+        for job in self.jobs.active():
+            job.cancel_event.set()
+        if self._batcher is not None:
+            self._batcher.stop()
+
+
+def _adapter_name_for(path: Path) -> str:
+    """An adapter's default name: its folder, or the run folder for a llm.train ``final/``."""
+    path = Path(path)
+    return path.parent.name if path.name == "final" else path.name
+
+
+_default_engine: Engine | None = None
+_default_lock = threading.Lock()
+
+
+def default_engine() -> Engine:
+    """The process-wide engine the Jaseci actions use (module reloads by jaseci keep it)."""
+    global _default_engine
+    with _default_lock:
+        if _default_engine is None:
+            _default_engine = Engine()
+        return _default_engine

@@ -1,0 +1,82 @@
+"""Where llm_module keeps its files, and the data-root confinement of user paths."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import Forbidden, InvalidInput, NotFound
+
+HOME_ENV = "LLM_MODULE_HOME"
+
+
+def home_dir() -> Path:
+    """Root of llm_module's own files: ``$LLM_MODULE_HOME`` or ``~/.cache/llm_module``."""
+    root = os.environ.get(HOME_ENV) or os.path.join(Path.home(), ".cache", "llm_module")
+    return Path(root).expanduser()
+
+
+def model_cache_dir() -> Path:
+    """Converted models (the default GGUF becomes an HF directory here once)."""
+    return Path(os.environ.get("LLM_MODULE_CACHE") or home_dir() / "models").expanduser()
+
+
+def resolve_user_path(path: str, data_root: Path | None, *, must_exist: bool, what: str) -> Path:
+    """Turn a path from a caller into an absolute Path, confined to ``data_root`` when one is set.
+
+    Relative paths are taken relative to the data root (or the working directory).
+    Symlinks are resolved before the check, so a link pointing out is refused.
+    """
+    if not isinstance(path, str) or not path.strip():
+        raise InvalidInput(f"{what} must be a non-empty path string, got {path!r}.")
+    if "\x00" in path:
+        raise InvalidInput(f"{what} contains a NUL byte; pass a plain file path.")
+    raw = Path(path).expanduser()
+    if data_root is not None:
+        root = data_root.resolve()
+        candidate = (raw if raw.is_absolute() else root / raw).resolve()
+        if candidate != root and root not in candidate.parents:
+            raise Forbidden(
+                f"{what} {path!r} is outside the data root {str(root)!r}; "
+                "give a path inside it (relative paths are taken from the data root)."
+            )
+    else:
+        candidate = raw.resolve()
+    if must_exist and not candidate.exists():
+        raise NotFound(f"{what} {path!r} does not exist; check the path (resolved to {str(candidate)!r}).")
+    return candidate
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``final``; on success it replaces ``final`` by rename.
+
+    A crash or exception before the end leaves the previous ``final`` untouched.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file through a temporary name and rename, so readers never see half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""LoRA training and evaluation (being written)."""
