@@ -99,7 +99,7 @@ def list_jobs() -> list:
 
 
 @jaseci_action(act_group=["llm"], allow_remote=True)
-def info() -> dict:
+def model_info() -> dict:
     """What is loaded: model, device, dtype, adapters (does not load anything)."""
     return default_engine().describe()
 
@@ -107,5 +107,5 @@ def info() -> dict:
 ACTIONS = {
     func.__name__: func
     for func in (setup, generate, train, evaluate, load_adapter, unload_adapter, list_adapters,
-                 set_default_adapter, job_status, cancel_job, list_jobs, info)
+                 set_default_adapter, job_status, cancel_job, list_jobs, model_info)
 }
