@@ -497,3 +497,14 @@ def default_engine() -> Engine:
         if _default_engine is None:
             _default_engine = Engine()
         return _default_engine
+
+
+def set_default_engine(engine: Engine) -> Engine | None:
+    """Make ``engine`` the one the Jaseci actions use (the HTTP service installs its configured one).
+
+    Returns the engine it replaces, if any, so a caller can put it back.
+    """
+    global _default_engine
+    with _default_lock:
+        previous, _default_engine = _default_engine, engine
+        return previous
