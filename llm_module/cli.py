@@ -1,0 +1,172 @@
+"""``llm-module``: serve the HTTP service, or run one engine call and print its JSON.
+
+    llm-module serve --port 8000 --token "$TOKEN" --data-root /data
+    llm-module generate "Tell me a joke" --max-new-tokens 32
+    llm-module train data.jsonl runs/my-adapter
+    llm-module evaluate data.jsonl --adapter my-adapter
+    llm-module adapters
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from llm_module.errors import LLMError
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _name_path(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the HTTP service (jaseci remote actions + /v1 API)",
+                       description="Every flag also reads LLM_MODULE_<NAME> from the environment; flags win.")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--model", help="base model to load at start (path, .gguf or hub id; default: bundled)")
+    p.add_argument("--adapter", dest="adapters", action="append", type=_name_path, metavar="NAME=PATH",
+                   help="adapter to load at start (repeatable)")
+    p.add_argument("--no-preload", dest="preload", action="store_false", default=None,
+                   help="do not load a model at start (the first call loads it)")
+    p.add_argument("--device")
+    p.add_argument("--dtype")
+    p.add_argument("--data-root", help="confine every caller-given path to this folder")
+    p.add_argument("--token", help="require this token (prefer LLM_MODULE_TOKEN: flags show in ps)")
+    p.add_argument("--max-body-bytes", type=int)
+    p.add_argument("--max-prompt-chars", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--max-return-sequences", type=int)
+    p.add_argument("--max-prompts", type=int)
+    p.add_argument("--batching", dest="batching", action="store_true", default=None)
+    p.add_argument("--no-batching", dest="batching", action="store_false")
+    p.add_argument("--batch-window-ms", type=float)
+    p.add_argument("--max-batch", type=int)
+    p.add_argument("--threads", type=int, help="worker threads for blocking engine calls")
+    p.add_argument("--torch-threads", type=int)
+    p.add_argument("--ready-timeout-s", type=float)
+    p.add_argument("--log-level")
+    p.set_defaults(run=_serve)
+
+
+def _add_engine_commands(sub: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", help="base model (default: the last setup, else the bundled model)")
+    common.add_argument("--adapter-dir", dest="adapter_dirs", action="append", type=_name_path, default=[],
+                        metavar="NAME=PATH", help="adapter to load first (repeatable)")
+    common.add_argument("--data-root")
+
+    p = sub.add_parser("generate", parents=[common], help="generate text for a prompt")
+    p.add_argument("prompt")
+    p.add_argument("--adapter", help="adapter to use (name)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--options", type=_json_object, default={}, help="more generation options as JSON")
+    p.set_defaults(run=_generate)
+
+    p = sub.add_parser("train", parents=[common], help="LoRA-train an adapter")
+    p.add_argument("data_file")
+    p.add_argument("output_dir")
+    p.add_argument("--params", type=_json_object, default=None, help="training_params as JSON")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("evaluate", parents=[common], help="loss and perplexity on a data file")
+    p.add_argument("data_file")
+    p.add_argument("--adapter")
+    p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("adapters", help="the adapters the next setup restores (no model is loaded)")
+    p.set_defaults(run=_adapters)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-module", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_engine_commands(sub)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace):
+    """Settings from the flags that were given; the rest come from the environment or defaults."""
+    from llm_module.server.settings import Settings
+
+    given = {k: v for k, v in vars(args).items() if k in Settings.__fields__ and v is not None}
+    if "adapters" in given:
+        given["adapters"] = dict(given["adapters"])
+    return Settings(**given)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from llm_module.server import create_app
+
+    settings = settings_from_args(args)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+def _engine(args: argparse.Namespace):
+    from llm_module.engine import Engine
+
+    engine = Engine(data_root=args.data_root, batching=False)
+    if args.model or args.adapter_dirs:
+        engine.setup(args.model, adapters=dict(args.adapter_dirs) or None)
+    else:
+        engine.ensure_ready()
+    return engine
+
+
+def _generate(args: argparse.Namespace) -> Any:
+    options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample, "chat": args.chat, **args.options}
+    return _engine(args).generate(args.prompt, adapter=args.adapter, **options)
+
+
+def _train(args: argparse.Namespace) -> Any:
+    return _engine(args).train(args.data_file, args.output_dir, args.params)
+
+
+def _evaluate(args: argparse.Namespace) -> Any:
+    return _engine(args).evaluate(args.data_file, args.adapter)
+
+
+def _adapters(args: argparse.Namespace) -> Any:
+    from llm_module.state import StateFile
+
+    saved = StateFile().read()
+    if saved is None:
+        return []
+    return [{"name": name, "path": path, "default": name == saved.default_adapter}
+            for name, path in sorted(saved.adapters.items())]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.run(args)
+    except LLMError as exc:
+        print(json.dumps(exc.to_dict(), indent=2), file=sys.stderr)
+        return 2 if exc.status < 500 else 1
+    if args.command != "serve":
+        print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+    return 0

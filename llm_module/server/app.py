@@ -1,0 +1,70 @@
+"""``create_app(settings, engine=None)``: the FastAPI app of ``llm-module serve``."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio.to_thread
+from fastapi import FastAPI
+
+from llm_module import __version__
+from llm_module.engine import Engine, set_default_engine
+from llm_module.server import routes_actions, routes_api
+from llm_module.server.errors import install_error_handlers
+from llm_module.server.lifecycle import StartupLoad
+from llm_module.server.security import BodyLimitMiddleware, TokenMiddleware
+from llm_module.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Run, fine-tune (LoRA) and serve a language model for Jac programs.
+
+* **jaseci actions**: `actions load remote http://HOST:PORT` (with a token: `http://HOST:PORT/t/<token>`),
+  then call `llm.generate(...)` and the other actions from walkers. An action that fails answers
+  `{"error": {"type", "message", "status"}}`, which the walker receives as the action's result.
+* **HTTP API** under `/v1`: generation (also as server-sent events), adapters, background training jobs.
+* **Auth**: when a token is set, send `Authorization: Bearer <token>` or prefix paths with `/t/<token>`.
+"""
+
+
+def build_engine(settings: Settings) -> Engine:
+    return Engine(
+        data_root=settings.data_root,
+        limits=settings.limits(),
+        batching=settings.batching,
+        batch_window_s=settings.batch_window_ms / 1000.0,
+        max_batch=settings.max_batch,
+    )
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """The service over ``engine`` (built from ``settings`` when not given), which becomes the default engine."""
+    settings = settings or Settings()
+    engine = engine or build_engine(settings)
+    set_default_engine(engine)  # the jaseci action functions in llm.py call default_engine()
+    app = FastAPI(title="llm_module", version=__version__, description=DESCRIPTION)
+    app.state.settings, app.state.engine = settings, engine
+    app.state.startup = StartupLoad(engine, settings)
+    install_error_handlers(app)
+    app.include_router(routes_api.build_router(app))
+    app.include_router(routes_actions.build_router(app))
+    # Added last runs first: the token is checked before any body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(TokenMiddleware, token=settings.token)
+
+    @app.on_event("startup")
+    async def start() -> None:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+        app.state.startup.start()
+        log.info("llm_module serving with %s", settings.public_dict())
+
+    @app.on_event("shutdown")
+    async def stop() -> None:
+        engine.close()
+
+    return app
