@@ -16,7 +16,7 @@ from typing import Any
 
 from . import adapters as adp
 from .batching import MicroBatcher
-from .errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, suggest
+from .errors import Conflict, InvalidInput, LLMError, ModelLoadError, NotFound, PayloadTooLarge, suggest
 from .generation import (
     GenerationRequest,
     Limits,
@@ -89,7 +89,14 @@ class Engine:
             saved = self.state_file.read()
             if saved and saved.setup:
                 log.info("Restoring the last setup: %s", saved.setup)
-                return self._setup_from_saved(saved)
+                try:
+                    return self._setup_from_saved(saved)
+                except LLMError as exc:
+                    raise ModelLoadError(
+                        f"The last setup ({saved.setup.get('model_name') or 'default model'}, remembered in "
+                        f"{self.state_file.path}) could not be restored: {exc} Call llm.setup(model_name=...) "
+                        "to choose a model (model_name='default' for the bundled one)."
+                    ) from exc
         args = {
             "model_name": model_name, "tokenizer_name": tokenizer_name, "tokenizer_kwargs": tokenizer_kwargs,
             "model_kwargs": model_kwargs, "device": device, "dtype": dtype,
