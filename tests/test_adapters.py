@@ -1,0 +1,174 @@
+"""Named LoRA adapters: load by name, change output, unload, mix in one batch, refuse bad ones."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llm_module.engine import Engine
+from llm_module.errors import Conflict, InvalidInput, LLMError, NotFound
+from llm_module.state import StateFile
+
+GREEDY = {"do_sample": False, "max_new_tokens": 10, "return_full_text": False}
+PROMPT = "The weather today"
+
+
+def _variant(adapter_dir, target, scale):
+    """A second adapter: same shapes, other weights."""
+    shutil.copytree(adapter_dir, target)
+    weights = target / "adapter_model.safetensors"
+    tensors = {k: (v * scale if "lora_B" in k else v) for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights))
+    return target
+
+
+@pytest.fixture()
+def engine(tiny_model_dir, tmp_path):
+    eng = Engine(state_file=StateFile(tmp_path / "state.json"))
+    eng.setup(str(tiny_model_dir))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture()
+def two_adapters(tiny_adapter_dir, tmp_path):
+    return tiny_adapter_dir, _variant(tiny_adapter_dir, tmp_path / "other", -1.7)
+
+
+def _text(engine, **kw):
+    return engine.generate(PROMPT, **GREEDY, **kw)[0]["generated_text"]
+
+
+def test_adapter_loads_by_name_changes_output_and_unloads(engine, tiny_adapter_dir):
+    base = _text(engine)
+    info = engine.load_adapter(str(tiny_adapter_dir), "style")
+    assert info["name"] == "style" and info["size_bytes"] > 0
+    assert [a["name"] for a in engine.list_adapters()] == ["style"]
+    tuned = _text(engine, adapter="style")
+    assert tuned != base
+    assert _text(engine) == base  # no default adapter: base model
+    engine.unload_adapter("style")
+    assert engine.list_adapters() == []
+    assert _text(engine) == base
+    assert not hasattr(engine._model, "peft_config")  # unwrapped: plain speed again
+
+
+def test_default_adapter_applies_when_none_is_named(engine, tiny_adapter_dir):
+    engine.load_adapter(str(tiny_adapter_dir), "style")
+    tuned = _text(engine, adapter="style")
+    base = _text(engine)
+    engine.set_default_adapter("style")
+    assert _text(engine) == tuned
+    assert _text(engine, adapter="base") == base
+    engine.set_default_adapter(None)
+    assert _text(engine) == base
+
+
+def test_mixed_adapter_batch_matches_each_adapter_alone(engine, two_adapters):
+    first, second = two_adapters
+    engine.load_adapter(str(first), "a")
+    engine.load_adapter(str(second), "b")
+    expected = {name: _text(engine, adapter=name) for name in ("a", "b", "base")}
+    assert len(set(expected.values())) == 3
+    results: dict = {}
+
+    def call(i, name):
+        results[i] = (name, _text(engine, adapter=name))
+
+    names = ["a", "b", "base"] * 4
+    threads = [threading.Thread(target=call, args=(i, n)) for i, n in enumerate(names)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == len(names)
+    for name, text in results.values():
+        assert text == expected[name], f"adapter {name} got another adapter's output"
+    assert engine._batcher.largest_batch > 1  # they really shared forward passes
+
+
+def test_unloading_one_adapter_keeps_the_other(engine, two_adapters):
+    first, second = two_adapters
+    engine.load_adapter(str(first), "a")
+    engine.load_adapter(str(second), "b")
+    only_b = _text(engine, adapter="b")
+    engine.unload_adapter("a")
+    assert _text(engine, adapter="b") == only_b
+    with pytest.raises(NotFound, match="No adapter named 'a'"):
+        _text(engine, adapter="a")
+
+
+def test_setup_with_adapters_and_lora_dir(tiny_model_dir, two_adapters, tmp_path):
+    first, second = two_adapters
+    eng = Engine(state_file=StateFile(tmp_path / "s.json"))
+    try:
+        info = eng.setup(str(tiny_model_dir), lora_dir=str(first), adapters={"second": str(second)})
+        assert sorted(info["adapters"]) == ["adapter", "second"]
+        assert info["default_adapter"] == "adapter"
+        assert eng.generate(PROMPT, **GREEDY) == eng.generate(PROMPT, adapter="adapter", **GREEDY)
+    finally:
+        eng.close()
+
+
+def test_setup_is_restored_in_a_new_engine(tiny_model_dir, tiny_adapter_dir, tmp_path):
+    state = StateFile(tmp_path / "state.json")
+    first = Engine(state_file=state)
+    first.setup(str(tiny_model_dir))
+    first.load_adapter(str(tiny_adapter_dir), "style", make_default=True)
+    expected = first.generate(PROMPT, **GREEDY)
+    first.close()
+    second = Engine(state_file=state)
+    try:
+        info = second.setup(restore=True)
+        assert info["model"] == tiny_model_dir.name
+        assert info["adapters"] == ["style"] and info["default_adapter"] == "style"
+        assert second.generate(PROMPT, **GREEDY) == expected
+    finally:
+        second.close()
+
+
+def test_setup_again_replaces_the_model_cleanly(engine, tiny_model_dir, tiny_adapter_dir):
+    engine.load_adapter(str(tiny_adapter_dir), "style")
+    info = engine.setup(str(tiny_model_dir))
+    assert info["adapters"] == [] and info["ready"]
+    assert _text(engine)
+
+
+def test_bad_adapters_are_refused_and_the_model_still_answers(engine, tiny_adapter_dir, tmp_path):
+    base = _text(engine)
+    empty = tmp_path / "not_an_adapter"
+    empty.mkdir()
+    cases = [
+        (lambda: engine.load_adapter(str(tmp_path / "missing"), "x"), NotFound, "does not exist"),
+        (lambda: engine.load_adapter(str(empty), "x"), InvalidInput, "not a LoRA adapter"),
+        (lambda: engine.load_adapter(str(tiny_adapter_dir), "bad name!"), InvalidInput, "is not valid"),
+        (lambda: engine.unload_adapter("ghost"), NotFound, "No adapter named 'ghost'"),
+        (lambda: engine.set_default_adapter("ghost"), NotFound, "No adapter named 'ghost'"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    engine.load_adapter(str(tiny_adapter_dir), "style")
+    with pytest.raises(Conflict, match="already loaded"):
+        engine.load_adapter(str(tiny_adapter_dir), "style")
+    assert _text(engine) == base
+
+
+def test_adapter_for_another_base_model_is_refused(engine, tiny_adapter_dir, tmp_path):
+    foreign = tmp_path / "foreign"
+    shutil.copytree(tiny_adapter_dir, foreign)
+    weights = foreign / "adapter_model.safetensors"
+    # Same module names, other hidden size: what an adapter of another base model looks like.
+    tensors = {k: torch.zeros(v.shape[0] * 2 if "lora_B" in k else v.shape[0], v.shape[1] * 2 if "lora_A" in k
+                              else v.shape[1]) for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights))
+    engine.load_adapter(str(tiny_adapter_dir), "good")
+    good = _text(engine, adapter="good")
+    with pytest.raises(LLMError, match="another base model"):
+        engine.load_adapter(str(foreign), "foreign")
+    assert [a["name"] for a in engine.list_adapters()] == ["good"]
+    assert _text(engine, adapter="good") == good
