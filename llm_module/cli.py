@@ -161,9 +161,15 @@ def _adapters(args: argparse.Namespace) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     args = build_parser().parse_args(argv)
     try:
         result = args.run(args)
+    except ValidationError as exc:  # bad settings: say which, without a traceback
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"llm-module {args.command}: invalid settings: {problems}", file=sys.stderr)
+        return 2
     except LLMError as exc:
         print(json.dumps(exc.to_dict(), indent=2), file=sys.stderr)
         return 2 if exc.status < 500 else 1

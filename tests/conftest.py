@@ -76,3 +76,87 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return build_tiny_adapter(tiny_model_dir, tmp_path_factory.mktemp("tiny-lora") / "adapter")
+
+
+# ------------------------------------------------------------------ the HTTP service in a subprocess
+class RunningServer:
+    """``llm-module serve`` in a subprocess on a free loopback port."""
+
+    def __init__(self, proc, url: str, log_path: Path, token: str | None) -> None:
+        self.proc, self.url, self.log_path, self.token = proc, url, log_path, token
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except Exception:
+                self.proc.kill()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(workdir: Path, *args: str, env: dict | None = None, wait_ready: bool = True,
+                 timeout: float = 180) -> RunningServer:
+    """Start ``python -m llm_module serve ARGS`` with its own LLM_MODULE_HOME; wait for /readyz (or /healthz)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = workdir / "server.log"
+    full_env = {**os.environ, "LLM_MODULE_HOME": str(workdir / "home"), "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llm_module", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+            cwd=workdir, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    server = RunningServer(proc, f"http://127.0.0.1:{port}", log_path, full_env.get("LLM_MODULE_TOKEN"))
+    probe = "/readyz" if wait_ready else "/healthz"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-3000:]}")
+        try:
+            if requests.get(server.url + probe, timeout=2).status_code == 200:
+                return server
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.3)
+    server.stop()
+    raise RuntimeError(f"server not up on {probe} within {timeout} s:\n{server.log()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def tiny_data_root(tiny_model_dir, tiny_adapter_dir, tmp_path_factory) -> Path:
+    """A data root holding copies of the tiny model (model/) and adapter (adapters/tiny/)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("data-root")
+    shutil.copytree(tiny_model_dir, root / "model")
+    shutil.copytree(tiny_adapter_dir, root / "adapters" / "tiny")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_data_root, tmp_path_factory):
+    """The service over the tiny model, adapter 'tiny' loaded, confined to ``tiny_data_root``, no token."""
+    server = start_server(
+        tmp_path_factory.mktemp("server"), "--model", str(tiny_data_root / "model"),
+        "--adapter", f"tiny={tiny_data_root / 'adapters' / 'tiny'}", "--data-root", str(tiny_data_root),
+    )
+    yield server
+    server.stop()
