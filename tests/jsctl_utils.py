@@ -59,6 +59,16 @@ class JacSession:
         """``jsctl actions call llm.X -ctx {...}``: ({'success':..., 'result':...}, output)."""
         return self.run("actions", "call", action, "-ctx", json.dumps(ctx or {}))
 
+    def script(self, *commands: str, timeout: float = 600) -> tuple[list, str]:
+        """Run several jsctl commands in ONE process (``jsctl -m script``); return every JSON value printed."""
+        script = self.workdir / "commands.jsctl"
+        script.write_text("\n".join(commands) + "\n", encoding="utf-8")
+        proc = subprocess.run(
+            [JSCTL, "-m", "script", str(script)], cwd=self.workdir, env=self.env,
+            capture_output=True, text=True, timeout=timeout,
+        )
+        return all_json(proc.stdout), proc.stdout + proc.stderr
+
     def jac_run(self, jac_file: str | Path, ctx: dict | None = None, walker: str = "init",
                 timeout: float = 900) -> tuple[dict, str]:
         """``jsctl jac run FILE [-walk W] [-ctx {...}]``: (its JSON result, output)."""
@@ -71,6 +81,21 @@ class JacSession:
         result, out = self.run(*args, timeout=timeout)
         assert isinstance(result, dict), out[-3000:]
         return result, out
+
+
+def all_json(text: str) -> list:
+    """Every top-level JSON value in jsctl's output, in order."""
+    decoder, values, pos = json.JSONDecoder(), [], 0
+    while True:
+        starts = [i for i in (text.find("\n{", pos), text.find("\n[", pos)) if i != -1]
+        if not starts:
+            return values
+        try:
+            value, end = decoder.raw_decode(text, min(starts) + 1)
+            values.append(value)
+            pos = end
+        except ValueError:
+            pos = min(starts) + 1
 
 
 def last_json(text: str):
