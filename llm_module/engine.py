@@ -26,7 +26,7 @@ from .generation import (
     validate_stop,
 )
 from .jobs import JobManager
-from .loader import LoadedModel, load_model
+from .loader import DEFAULT_MODEL, LoadedModel, load_model
 from .paths import resolve_user_path
 from .prompts import render_prompt
 from .state import SavedState, StateFile
@@ -122,8 +122,18 @@ class Engine:
             raise InvalidInput(f"adapters must be an object {{name: path}}, got {adapters!r}.")
         if lora_dir is not None and not isinstance(lora_dir, str):
             raise InvalidInput(f"lora_dir must be a path string, got {lora_dir!r}.")
-        if args["model_name"] and self.data_root and Path(args["model_name"]).expanduser().exists():
-            resolve_user_path(args["model_name"], self.data_root, must_exist=True, what="model_name")
+        for key in ("model_name", "tokenizer_name"):
+            args[key] = self._local_model_path(args[key], key)
+
+    def _local_model_path(self, name: Any, what: str) -> Any:
+        """An absolute path for a model given as a path (confined to the data root); hub ids pass through."""
+        if not isinstance(name, str) or name in ("", "default", DEFAULT_MODEL):
+            return name
+        looks_like_path = name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
+        base = self.data_root or Path.cwd()
+        if looks_like_path or (base / name).exists():
+            return str(resolve_user_path(name, self.data_root, must_exist=True, what=what))
+        return name
 
     def _load(self, args: dict, adapter_paths: dict, default: str | None, skip_bad_adapters=False) -> dict:
         if not self._setup_lock.acquire(blocking=False):
@@ -441,6 +451,7 @@ class Engine:
             if job.kind == "train" and job.params.get("output_dir") == str(out_path):
                 raise Conflict(f"Job {job.id} is already training into {output_dir!r}; wait or cancel it.")
         params = {"data_file": str(data_path), "output_dir": str(out_path), "adapter_name": name}
+        show_progress = kwargs.pop("show_progress", not background)
 
         def work(progress, cancel) -> dict:
             fresh = load_model(**self._setup_args)  # a private copy: serving goes on untouched
@@ -448,7 +459,7 @@ class Engine:
                 fresh.model, fresh.tokenizer, data_file=data_path, output_dir=out_path,
                 training_params=training_params, resume_from_checkpoint=resume_from_checkpoint,
                 progress=progress, cancel=cancel, base_model_name=self._loaded.name,
-                show_progress=not background, **kwargs,
+                show_progress=show_progress, **kwargs,
             )
             del fresh
             if not result.get("cancelled"):

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,19 @@ def resolve_model_dir(model_name: str | None) -> tuple[str, str]:
     return model_name, model_name  # hub id
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick check before the hub client's slow retries: can we open a connection at all?"""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _hub_error(model_name: str, exc: Exception) -> ModelLoadError:
     return ModelLoadError(
         f"Could not load {model_name!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
@@ -182,6 +196,8 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device)
     name, source = resolve_model_dir(model_name)
     is_hub = not Path(source).exists()
+    if is_hub and not _hub_reachable():
+        raise _hub_error(source, ConnectionError("the Hugging Face hub cannot be reached"))
     tok_source = tokenizer_name or source
     model_kwargs = dict(model_kwargs or {})
     model_kwargs.setdefault("dtype", model_kwargs.pop("torch_dtype", torch_dtype))

@@ -86,6 +86,7 @@ class JacSession:
 def all_json(text: str) -> list:
     """Every top-level JSON value in jsctl's output, in order."""
     decoder, values, pos = json.JSONDecoder(), [], 0
+    text = "\n" + text
     while True:
         starts = [i for i in (text.find("\n{", pos), text.find("\n[", pos)) if i != -1]
         if not starts:

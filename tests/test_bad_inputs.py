@@ -1,0 +1,203 @@
+"""The bad-input catalogue: every case is refused with a message naming the problem, through the
+Python API, through jsctl and through HTTP; afterwards the model and every adapter still answer.
+
+Each case is one row: (id, action, ctx, phrase the message must contain, transports).
+Relative paths are files of a per-run data root: the Python engine and the server are confined
+to it, and jsctl runs with it as its working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from llm_module import llm
+from llm_module.engine import Engine, set_default_engine
+from llm_module.errors import LLMError
+from llm_module.paths import model_cache_dir
+from llm_module.state import StateFile
+from tests.conftest import start_server
+from tests.jsctl_utils import JacSession
+
+ALL = ("python", "jsctl", "http")
+CONFINED = ("python", "http")  # jsctl runs unconfined, like a local user
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    action: str
+    ctx: dict
+    phrase: str
+    transports: tuple = ALL
+
+
+GEN = {"prompt": "hi", "max_new_tokens": 2, "do_sample": False}
+
+CASES = [
+    # ---- generate
+    Case("gen-unknown-option", "generate", {**GEN, "max_new_tokns": 3}, "Did you mean 'max_new_tokens'"),
+    Case("gen-negative-max-new-tokens", "generate", {**GEN, "max_new_tokens": -1}, "max_new_tokens must be >= 1"),
+    Case("gen-string-max-new-tokens", "generate", {**GEN, "max_new_tokens": "ten"}, "must be an integer"),
+    Case("gen-zero-temperature", "generate", {**GEN, "do_sample": True, "temperature": 0}, "temperature must be > 0"),
+    Case("gen-top-p-out-of-range", "generate", {**GEN, "do_sample": True, "top_p": 3}, "top_p must be in (0, 1]"),
+    Case("gen-do-sample-string", "generate", {**GEN, "do_sample": "yes"}, "do_sample must be true or false"),
+    Case("gen-bad-top-k", "generate", {**GEN, "top_k": -4}, "top_k must be >= 0"),
+    Case("gen-empty-prompt", "generate", {**GEN, "prompt": "   "}, "is empty or not a string"),
+    Case("gen-no-prompt", "generate", {"max_new_tokens": 2}, "prompt must be a string or a non-empty list"),
+    Case("gen-prompt-number", "generate", {**GEN, "prompt": 42}, "prompt must be a string or a non-empty list"),
+    Case("gen-prompt-list-with-number", "generate", {**GEN, "prompt": ["a", 5]}, "prompt[1] is empty"),
+    Case("gen-thousands-of-prompts", "generate", {**GEN, "prompt": ["hi"] * 3000}, "split them into several calls"),
+    Case("gen-prompt-over-context", "generate", {**GEN, "prompt": "word " * 2100}, "model's context is 2048"),
+    Case("gen-unknown-adapter", "generate", {**GEN, "adapter": "ghost"}, "No adapter named 'ghost'"),
+    Case("gen-bad-stop", "generate", {**GEN, "stop": [1, 2]}, "stop must be a string or a list"),
+    Case("gen-bad-seed", "generate", {**GEN, "seed": "lucky"}, "seed must be an integer"),
+    Case("gen-bad-messages", "generate", {"messages": [{"role": "robot", "content": "x"}]}, "role 'system', 'user'"),
+    Case("gen-messages-not-list", "generate", {"messages": "hello"}, "messages must be a non-empty list"),
+    Case("gen-prompt-and-messages", "generate", {**GEN, "messages": [{"role": "user", "content": "x"}]},
+         "either prompt or messages"),
+    Case("gen-num-return-zero", "generate", {**GEN, "num_return_sequences": 0}, "num_return_sequences must be >= 1"),
+    # ---- setup
+    Case("setup-missing-model-dir", "setup", {"model_name": "./no/such/model"}, "does not exist"),
+    Case("setup-dir-not-a-model", "setup", {"model_name": "adapters/tiny"}, "holds no config.json"),
+    Case("setup-missing-gguf", "setup", {"model_name": "nothing.gguf"}, "does not exist"),
+    Case("setup-bad-device", "setup", {"model_name": "model", "device": "tpu"}, "device must be one of"),
+    Case("setup-bad-dtype", "setup", {"model_name": "model", "dtype": "float8"}, "dtype must be one of"),
+    Case("setup-cuda-without-gpu", "setup", {"model_name": "model", "device": "cuda"}, "no CUDA GPU is visible"),
+    Case("setup-unknown-option", "setup", {"model_name": "model", "devise": "cpu"}, "Did you mean 'device'"),
+    Case("setup-model-kwargs-not-dict", "setup", {"model_name": "model", "model_kwargs": "fast"},
+         "model_kwargs must be an object"),
+    Case("setup-adapters-not-dict", "setup", {"model_name": "model", "adapters": ["a"]}, "adapters must be an object"),
+    Case("setup-adapter-missing", "setup", {"model_name": "model", "adapters": {"x": "nowhere"}}, "does not exist"),
+    Case("setup-escape-data-root", "setup", {"model_name": "../../etc"}, "outside the data root", CONFINED),
+    # ---- adapters
+    Case("adapter-missing-path", "load_adapter", {"path": "nowhere", "name": "x"}, "does not exist"),
+    Case("adapter-not-an-adapter", "load_adapter", {"path": "not_an_adapter", "name": "x"}, "not a LoRA adapter"),
+    Case("adapter-bad-name", "load_adapter", {"path": "adapters/tiny", "name": "no spaces!"}, "is not valid"),
+    Case("adapter-name-taken", "load_adapter", {"path": "adapters/tiny", "name": "tiny"}, "already loaded"),
+    Case("adapter-foreign-base", "load_adapter", {"path": "adapters/foreign", "name": "foreign"},
+         "another base model"),
+    Case("adapter-escape-dotdot", "load_adapter", {"path": "../../../etc", "name": "x"}, "outside the data root",
+         CONFINED),
+    Case("adapter-escape-absolute", "load_adapter", {"path": "/etc", "name": "x"}, "outside the data root", CONFINED),
+    Case("adapter-escape-symlink", "load_adapter", {"path": "link_out", "name": "x"}, "outside the data root",
+         CONFINED),
+    Case("adapter-unload-unknown", "unload_adapter", {"name": "ghost"}, "No adapter named 'ghost'"),
+    Case("adapter-default-unknown", "set_default_adapter", {"name": "ghost"}, "No adapter named 'ghost'"),
+    # ---- jobs
+    Case("job-unknown-id", "job_status", {"job_id": "nope"}, "No job with id 'nope'"),
+    Case("job-cancel-unknown", "cancel_job", {"job_id": "nope"}, "No job with id 'nope'"),
+]
+
+
+def build_data_root(root: Path, tiny_model_dir: Path, tiny_adapter_dir: Path) -> Path:
+    """Files the cases point at, inside one folder."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_model_dir, root / "model")
+    shutil.copytree(tiny_adapter_dir, root / "adapters" / "tiny")
+    foreign = root / "adapters" / "foreign"
+    shutil.copytree(tiny_adapter_dir, foreign)
+    weights = foreign / "adapter_model.safetensors"
+    import torch
+
+    save_file({k: torch.zeros(v.shape[0] * 2, v.shape[1] * 2) for k, v in load_file(str(weights)).items()},
+              str(weights))
+    (root / "not_an_adapter").mkdir()
+    (root / "not_an_adapter" / "notes.txt").write_text("hello")
+    (root / "link_out").symlink_to("/etc", target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory, tiny_model_dir, tiny_adapter_dir) -> Path:
+    return build_data_root(tmp_path_factory.mktemp("bad-input-root"), tiny_model_dir, tiny_adapter_dir)
+
+
+def _reference(call) -> dict:
+    """What the model and the adapter answer; the same must hold after every bad call."""
+    return {
+        "base": call("generate", {**GEN, "max_new_tokens": 6, "adapter": "base"}),
+        "tiny": call("generate", {**GEN, "max_new_tokens": 6, "adapter": "tiny"}),
+    }
+
+
+# ------------------------------------------------------------------------------ Python API
+@pytest.fixture(scope="module")
+def python_engine(data_root, tmp_path_factory):
+    engine = Engine(data_root=data_root, state_file=StateFile(tmp_path_factory.mktemp("py") / "state.json"))
+    engine.setup("model", adapters={"tiny": "adapters/tiny"})
+    previous = set_default_engine(engine)
+    yield engine
+    set_default_engine(previous) if previous else None
+    engine.close()
+
+
+def _python_call(action: str, ctx: dict):
+    return llm.ACTIONS[action](**ctx)
+
+
+def test_catalogue_through_the_python_api(python_engine, data_root, monkeypatch):
+    monkeypatch.chdir(data_root)
+    before = _reference(_python_call)
+    cases = [c for c in CASES if "python" in c.transports]
+    for case in cases:
+        with pytest.raises(LLMError) as info:
+            _python_call(case.action, case.ctx)
+        assert case.phrase in str(info.value), (case.id, str(info.value))
+        assert 400 <= info.value.status < 500, (case.id, info.value.status)
+    assert _reference(_python_call) == before
+    print(f"\nbad-input catalogue (python): {len(cases)} cases refused, model and adapter unchanged")
+
+
+# ------------------------------------------------------------------------------ HTTP
+@pytest.fixture(scope="module")
+def server(data_root, tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("bad-input-server"), "--model", str(data_root / "model"),
+                       "--adapter", f"tiny={data_root / 'adapters' / 'tiny'}", "--data-root", str(data_root))
+    yield srv
+    srv.stop()
+
+
+def test_catalogue_through_http(server):
+    def call(action, ctx):
+        res = requests.post(f"{server.url}/{action}", json=ctx, timeout=120)
+        return res.status_code, res.json()
+
+    before = _reference(call)
+    cases = [c for c in CASES if "http" in c.transports]
+    for case in cases:
+        status, body = call(case.action, case.ctx)
+        assert 400 <= status < 500, (case.id, status, body)
+        assert case.phrase in body["error"]["message"], (case.id, body)
+    assert requests.get(server.url + "/healthz", timeout=5).status_code == 200
+    assert _reference(call) == before
+    print(f"\nbad-input catalogue (http): {len(cases)} cases refused with 4xx JSON, server up")
+
+
+# ------------------------------------------------------------------------------ jsctl
+@pytest.mark.e2e
+def test_catalogue_through_jsctl(data_root, tmp_path):
+    session = JacSession(data_root, env={"LLM_MODULE_HOME": str(tmp_path / "home"),
+                                         "LLM_MODULE_CACHE": str(model_cache_dir())})
+    cases = [c for c in CASES if "jsctl" in c.transports]
+    setup = {"model_name": str(data_root / "model"), "adapters": {"tiny": str(data_root / "adapters" / "tiny")}}
+    probe = f"actions call llm.generate -ctx '{json.dumps({**GEN, 'max_new_tokens': 6, 'adapter': 'tiny'})}'"
+    commands = [f"actions load module llm_module.llm -ctx '{json.dumps(setup)}'", probe]
+    commands += [f"actions call llm.{c.action} -ctx '{json.dumps(c.ctx)}'" for c in cases]
+    commands.append(probe)
+    values, out = session.script(*commands, timeout=900)
+    calls = values[1:]
+    assert len(calls) == len(cases) + 2, out[-3000:]
+    assert calls[0]["success"] and calls[-1] == calls[0], "the adapter answers the same after the bad calls"
+    errors = [line.split(": ", 2)[-1] for line in out.splitlines() if "Error calling action llm." in line]
+    assert len(errors) == len(cases), out[-3000:]
+    for case, result, message in zip(cases, calls[1:-1], errors, strict=True):
+        assert result["success"] is False, case.id
+        assert case.phrase in message, (case.id, message)
+    print(f"\nbad-input catalogue (jsctl): {len(cases)} cases refused, adapter unchanged")
