@@ -17,9 +17,11 @@ from llm_module.errors import PayloadTooLarge
 from llm_module.server.errors import error_body
 
 TOKEN_PREFIX = "/t/"
-# Probes and self-description stay open: they run no action and reveal no data.
+# Probes, self-description and the playground's static files stay open: they run no action and reveal no
+# data (the playground asks for the token when the API answers 401).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
-                          "/jaseci_actions_spec", "/jaseci_actions_spec/"})
+                          "/jaseci_actions_spec", "/jaseci_actions_spec/",
+                          "/", "/ui", "/ui/", "/ui/app.js", "/ui/style.css", "/ui/favicon.svg"})
 
 
 def tokens_match(given: str | None, expected: str) -> bool:
