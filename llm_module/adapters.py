@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInput, NotFound
+from .paths import recover_dir
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -45,6 +46,11 @@ def check_name(name: Any) -> str:
 
 def find_adapter_dir(path: Path) -> Path:
     """The directory holding adapter_config.json: ``path`` itself or its ``final`` child."""
+    recover_dir(path)
+    if path.is_dir():
+        recover_dir(path / "final")
+    if not path.exists():
+        raise NotFound(f"Adapter path {str(path)!r} does not exist; check the path.")
     if not path.is_dir():
         raise InvalidInput(f"Adapter path {str(path)!r} is not a directory; give the folder llm.train wrote.")
     for candidate in (path, path / "final"):

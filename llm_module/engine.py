@@ -144,7 +144,7 @@ class Engine:
             for name, path in adapter_paths.items():
                 try:
                     adapter_dir = adp.find_adapter_dir(
-                        resolve_user_path(path, self.data_root, must_exist=True, what=f"adapter {name!r}"))
+                        resolve_user_path(path, self.data_root, must_exist=False, what=f"adapter {name!r}"))
                     model = adp.attach(model, adapter_dir, adp.check_name(name))
                     infos[name] = adp.read_info(name, adapter_dir)
                 except Exception as exc:
@@ -204,7 +204,7 @@ class Engine:
     def load_adapter(self, path: str, name: str | None = None, *, replace: bool = False,
                      make_default: bool = False) -> dict:
         self.ensure_ready()
-        resolved = resolve_user_path(path, self.data_root, must_exist=True, what="adapter path")
+        resolved = resolve_user_path(path, self.data_root, must_exist=False, what="adapter path")
         adapter_dir = adp.find_adapter_dir(resolved)
         name = adp.check_name(name or _adapter_name_for(resolved))
         info = adp.read_info(name, adapter_dir)

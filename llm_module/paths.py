@@ -51,17 +51,34 @@ def resolve_user_path(path: str, data_root: Path | None, *, must_exist: bool, wh
     return candidate
 
 
+def _old_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def recover_dir(final: Path) -> None:
+    """Finish or undo a swap that a crash interrupted: put the previous version back if ``final`` is gone."""
+    old = _old_name(final)
+    if old.exists():
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``final``; on success it replaces ``final`` by rename.
 
-    A crash or exception before the end leaves the previous ``final`` untouched.
+    A crash or exception at any point leaves a loadable ``final``: the old one until the
+    swap, the new one after; a crash inside the two-rename swap is undone by recover_dir.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        _fsync_tree(tmp)
+        old = _old_name(final)
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
@@ -69,6 +86,14 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush the files to disk before the rename makes them the live version."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def atomic_write_text(path: Path, text: str) -> None:
