@@ -110,9 +110,11 @@ def settings_from_args(args: argparse.Namespace):
     from llm_module.server.settings import Settings
 
     given = {k: v for k, v in vars(args).items() if k in Settings.__fields__ and v is not None}
-    if "adapters" in given:
-        given["adapters"] = dict(given["adapters"])
-    return Settings(**given)
+    adapters = dict(given.pop("adapters", ()))
+    settings = Settings(**given)
+    if adapters:  # set after: BaseSettings would merge a dict with LLM_MODULE_ADAPTERS instead of replacing it
+        settings.adapters = adapters
+    return settings
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -133,7 +133,7 @@ def start_server(workdir: Path, *args: str, env: dict | None = None, wait_ready:
         try:
             if requests.get(server.url + probe, timeout=2).status_code == 200:
                 return server
-        except requests.ConnectionError:
+        except requests.RequestException:  # refused while starting, or slow while the model loads
             pass
         time.sleep(0.3)
     server.stop()
