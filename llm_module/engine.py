@@ -83,8 +83,14 @@ class Engine:
         dtype: str = "auto",
         adapters: dict[str, str] | None = None,
         restore: bool = False,
+        reload_remembered: bool = False,
     ) -> dict:
-        """Load (or replace) the base model, then the given adapters; ``restore`` reloads the last setup."""
+        """Load (or replace) the base model, then the given adapters.
+
+        ``restore``: reload the last setup (model and adapters) when nothing is given.
+        ``reload_remembered``: also reload the adapters remembered for this same model
+        (a restarted server serves what it served before).
+        """
         if restore:
             saved = self.state_file.read()
             if saved and saved.setup:
@@ -107,12 +113,17 @@ class Engine:
         if lora_dir:
             default = _adapter_name_for(Path(lora_dir))
             adapter_paths[default] = lora_dir
+        saved = self.state_file.read() if reload_remembered else None
+        if saved and saved.setup.get("model_name") == args["model_name"]:
+            remembered = {n: p for n, p in saved.adapters.items() if n not in adapter_paths and Path(p).exists()}
+            default = default or (saved.default_adapter if saved.default_adapter in remembered else None)
+            return self._load(args, {**adapter_paths, **remembered}, default=default, skip=set(remembered))
         return self._load(args, adapter_paths, default=default)
 
     def _setup_from_saved(self, saved: SavedState) -> dict:
         live = {n: p for n, p in saved.adapters.items() if Path(p).exists()}
         default = saved.default_adapter if saved.default_adapter in live else None
-        return self._load(saved.setup, live, default=default, skip_bad_adapters=True)
+        return self._load(saved.setup, live, default=default, skip=set(live))
 
     def _check_setup_args(self, args: dict, adapters: Any, lora_dir: Any) -> None:
         for key in ("tokenizer_kwargs", "model_kwargs"):
@@ -135,7 +146,8 @@ class Engine:
             return str(resolve_user_path(name, self.data_root, must_exist=True, what=what))
         return name
 
-    def _load(self, args: dict, adapter_paths: dict, default: str | None, skip_bad_adapters=False) -> dict:
+    def _load(self, args: dict, adapter_paths: dict, default: str | None, skip: set[str] = frozenset()) -> dict:
+        """Load the model and adapters; a failing adapter named in ``skip`` is logged and left out."""
         if not self._setup_lock.acquire(blocking=False):
             raise Conflict("Another setup is running; wait for it to finish, then call setup again.")
         try:
@@ -148,7 +160,7 @@ class Engine:
                     model = adp.attach(model, adapter_dir, adp.check_name(name))
                     infos[name] = adp.read_info(name, adapter_dir)
                 except Exception as exc:
-                    if not skip_bad_adapters:
+                    if name not in skip:
                         raise
                     log.warning("Skipping adapter %s from %s: %s", name, path, exc)
             with self._model_lock:

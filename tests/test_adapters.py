@@ -172,3 +172,20 @@ def test_adapter_for_another_base_model_is_refused(engine, tiny_adapter_dir, tmp
         engine.load_adapter(str(foreign), "foreign")
     assert [a["name"] for a in engine.list_adapters()] == ["good"]
     assert _text(engine, adapter="good") == good
+
+
+def test_reload_remembered_brings_back_adapters_of_the_same_model(tiny_model_dir, two_adapters, tmp_path):
+    first, second = two_adapters
+    state = StateFile(tmp_path / "state.json")
+    eng = Engine(state_file=state)
+    eng.setup(str(tiny_model_dir), adapters={"a": str(first)})
+    eng.load_adapter(str(second), "b", make_default=True)  # loaded while serving
+    expected = eng.generate(PROMPT, **GREEDY)
+    eng.close()
+    restarted = Engine(state_file=state)
+    try:
+        info = restarted.setup(str(tiny_model_dir), adapters={"a": str(first)}, reload_remembered=True)
+        assert info["adapters"] == ["a", "b"] and info["default_adapter"] == "b"
+        assert restarted.generate(PROMPT, **GREEDY) == expected
+    finally:
+        restarted.close()

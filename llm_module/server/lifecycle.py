@@ -35,7 +35,9 @@ class StartupLoad:
     def _load(self) -> None:
         s = self.settings
         try:
-            self.engine.setup(s.model, adapters=dict(s.adapters) or None, device=s.device, dtype=s.dtype)
+            # reload_remembered: a restarted server serves the adapters it served before.
+            self.engine.setup(s.model, adapters=dict(s.adapters) or None, device=s.device, dtype=s.dtype,
+                              reload_remembered=True)
             self.state = "loaded"
             log.info("Model loaded: %s", self.engine.describe().get("model"))
         except Exception as exc:  # reported by /readyz and by every action until a setup succeeds
