@@ -1,0 +1,269 @@
+"""One LoRA training run: data, LoRA model, Trainer, checkpoints, final adapter and report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..adapters import META_FILE
+from ..errors import InvalidInput, suggest
+from ..paths import atomic_dir, atomic_write_text
+from .callbacks import RunMonitor
+from .checkpoints import resume_point
+from .data import PaddingCollator, Tokenized, load_examples
+from .evaluate import summarize, token_loss
+from .loss import ResponseLossTrainer
+from .params import StepPlan, TrainingParams, check_options, plan_steps, resolve_params
+from .report import write_loss_curve, write_training_log
+
+log = logging.getLogger(__name__)
+
+
+class _Rows:
+    """The tokenized examples as the dict rows Trainer and its length grouping read."""
+
+    def __init__(self, rows: list[Tokenized]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.rows[i].input_ids, "labels": self.rows[i].labels}
+
+
+def train_adapter(model, tokenizer, *, data_file: Path, output_dir: Path, training_params: dict | None,
+                  resume_from_checkpoint: bool | str, progress: Callable[[dict], None], cancel: threading.Event,
+                  base_model_name: str, show_progress: bool = True, **kwargs) -> dict:
+    """LoRA-train ``model`` (a private copy of the base) on ``data_file``; write ``output_dir/final``."""
+    check_options(kwargs)
+    params = resolve_params(training_params)
+    seed = _seed(kwargs.get("seed", 42))
+    progress({"state": "preparing"})
+    train_rows, eval_rows, data_summary = _datasets(tokenizer, data_file, params, kwargs, seed)
+    max_steps = (kwargs.get("training_args_kwargs") or {}).get("max_steps")
+    plan = plan_steps(params, len(train_rows), max_steps if isinstance(max_steps, int) else None)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint, resume_warnings = resume_point(output_dir, resume_from_checkpoint)
+    warnings = plan.warnings + resume_warnings + _data_warnings(data_summary, params, eval_rows)
+    if cancel.is_set():
+        return {"cancelled": True, "steps": 0, "warnings": warnings, "adapter_dir": None}
+
+    peft_model = _lora_model(model, params, kwargs.get("lora_config_kwargs"))
+    monitor = RunMonitor(progress, cancel)
+    trainer = _trainer(peft_model, tokenizer, output_dir, params, plan, train_rows, eval_rows, monitor,
+                       kwargs.get("training_args_kwargs"), seed, show_progress)
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    peft_model.eval()
+    state = trainer.state
+    result = {
+        "cancelled": monitor.cancelled,
+        "steps": state.global_step,
+        "total_steps": state.max_steps,
+        "epochs": round(float(state.epoch or 0), 3),
+        "train_loss": _recent_loss(state.log_history, plan.steps_per_epoch),
+        "train_loss_mean": round(float(train_output.training_loss), 5),
+        "train_tokens": monitor.tokens_seen(state),
+        "tokens_per_s": round(monitor.tokens_per_s(state), 1),
+        "seconds": round(monitor.seconds, 2),
+        "resumed_from": checkpoint,
+        "params": {**params.to_dict(), "gradient_accumulation": plan.accumulation, "warmup_steps": plan.warmup_steps,
+                   "seed": seed, **data_summary},
+        "warnings": warnings,
+        "adapter_dir": None,
+    }
+    if eval_rows and not monitor.cancelled:
+        progress({"state": "evaluating"})
+        total, tokens = token_loss(peft_model, eval_rows, pad_id=tokenizer.pad_token_id,
+                                   batch_size=params.MICRO_BATCH_SIZE)
+        evaluation = summarize(total, tokens)
+        result.update(eval_loss=evaluation["loss"], perplexity=evaluation["perplexity"], eval_tokens=tokens)
+    else:
+        result.update(eval_loss=None, perplexity=None)
+    write_training_log(output_dir / "training_log.json", state.log_history, result)
+    write_loss_curve(output_dir / "loss_curve.png", state.log_history, title=f"{output_dir.name}: LoRA training")
+    if monitor.cancelled:
+        progress({"state": "cancelled"})
+        return result
+    progress({"state": "saving"})
+    result["adapter_dir"] = str(_save_final(peft_model, output_dir, data_file, base_model_name, result))
+    progress({"state": "done"})
+    return result
+
+
+def _seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InvalidInput(f"seed must be an integer, got {seed!r}.")
+    return seed
+
+
+def _datasets(tokenizer, data_file: Path, params: TrainingParams, kwargs: dict, seed: int):
+    options = {"data_format": kwargs.get("data_format"), "prompt_template": kwargs.get("prompt_template"),
+               "cutoff_len": params.CUTOFF_LEN, "train_on_inputs": _flag("train_on_inputs", kwargs, False)}
+    rows, summary = load_examples(data_file, tokenizer, **options)
+    eval_file, val_set_size = kwargs.get("eval_file"), kwargs.get("val_set_size")
+    if eval_file and val_set_size:
+        raise InvalidInput("Pass either eval_file or val_set_size, not both.")
+    eval_rows: list[Tokenized] = []
+    if eval_file:
+        eval_path = Path(str(eval_file)).expanduser()
+        if not eval_path.is_absolute():
+            eval_path = data_file.parent / eval_path
+        if not eval_path.is_file():
+            raise InvalidInput(f"eval_file {eval_file!r} does not exist (looked at {str(eval_path)!r}).")
+        eval_rows, _ = load_examples(eval_path, tokenizer, **options)
+    elif val_set_size:
+        count = _val_count(val_set_size, len(rows))
+        shuffled = rows[:]
+        random.Random(seed).shuffle(shuffled)
+        eval_rows, rows = shuffled[:count], shuffled[count:]
+    summary.update(train_examples=len(rows), eval_examples=len(eval_rows))
+    return rows, eval_rows, summary
+
+
+def _flag(key: str, kwargs: dict, default: bool) -> bool:
+    value = kwargs.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{key} must be true or false, got {value!r}.")
+    return value
+
+
+def _val_count(val_set_size, n: int) -> int:
+    if isinstance(val_set_size, bool) or not isinstance(val_set_size, (int, float)) or val_set_size < 0:
+        raise InvalidInput(f"val_set_size must be a count or a fraction in (0, 1), got {val_set_size!r}.")
+    count = round(n * val_set_size) if val_set_size < 1 else int(val_set_size)
+    if count < 1 or count >= n:
+        raise InvalidInput(f"val_set_size {val_set_size!r} leaves {n - count} of {n} examples to train on; "
+                           "use a smaller count or fraction.")
+    return count
+
+
+def _data_warnings(summary: dict, params: TrainingParams, eval_rows: list) -> list[str]:
+    warnings = []
+    if summary["truncated"]:
+        warnings.append(f"{summary['truncated']} example(s) were longer than CUTOFF_LEN={params.CUTOFF_LEN} tokens "
+                        "and were cut; raise CUTOFF_LEN to keep them whole.")
+    if summary["dropped"]:
+        warnings.append(f"{summary['dropped']} example(s) were dropped: their prompt alone fills CUTOFF_LEN.")
+    if not eval_rows:
+        warnings.append("No evaluation set: eval_loss and perplexity are null; pass val_set_size or eval_file.")
+    return warnings
+
+
+def _lora_model(model, params: TrainingParams, overrides: dict | None):
+    from peft import LoraConfig, get_peft_model
+
+    settings = {"r": params.LORA_R, "lora_alpha": params.LORA_ALPHA, "lora_dropout": params.LORA_DROPOUT,
+                "target_modules": params.TARGET_MODULES, "bias": "none", "task_type": "CAUSAL_LM"}
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    settings.update(_checked_overrides("lora_config_kwargs", overrides, known))
+    try:
+        config = LoraConfig(**settings)
+        return get_peft_model(model, config)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"The LoRA settings were not accepted: {exc}") from exc
+
+
+def _checked_overrides(what: str, overrides: dict | None, known: set[str]) -> dict:
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise InvalidInput(f"{what} must be an object of keyword arguments, got {overrides!r}.")
+    for key in overrides:
+        if key not in known:
+            raise InvalidInput(f"{what} has an unknown key {key!r}.{suggest(key, known)}")
+    return dict(overrides)
+
+
+def _training_arguments(output_dir: Path, params: TrainingParams, plan: StepPlan, has_eval: bool, seed: int,
+                        show_progress: bool, on_cuda: bool, overrides: dict | None):
+    from transformers import TrainingArguments
+
+    settings = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": plan.micro_batch,
+        "per_device_eval_batch_size": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation,
+        "num_train_epochs": params.EPOCHS,
+        "learning_rate": params.LEARNING_RATE,
+        "warmup_steps": plan.warmup_steps,
+        "lr_scheduler_type": "cosine",
+        "weight_decay": 0.0,
+        "logging_steps": 1,
+        "save_strategy": "epoch",
+        "save_total_limit": 2,
+        "eval_strategy": "epoch" if has_eval else "no",
+        "report_to": "none",
+        "disable_tqdm": not show_progress,
+        "remove_unused_columns": False,
+        "train_sampling_strategy": "group_by_length",  # batches of similar length: little padding
+        "include_num_input_tokens_seen": "non_padding",
+        "bf16": on_cuda,  # on this CPU bf16 measured slower than fp32 (docs/training.md)
+        "use_cpu": not on_cuda,
+        "gradient_checkpointing": False,  # small LoRA runs fit in memory; recomputation only costs time
+        "seed": seed,
+        "dataloader_num_workers": 0,
+        "save_safetensors": True,
+    }
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    settings = {k: v for k, v in settings.items() if k in known}
+    settings.update(_checked_overrides("training_args_kwargs", overrides, known))
+    try:
+        return TrainingArguments(**settings)
+    except (ValueError, TypeError) as exc:
+        raise InvalidInput(f"The Trainer settings were not accepted: {exc}") from exc
+
+
+def _trainer(peft_model, tokenizer, output_dir: Path, params: TrainingParams, plan: StepPlan, train_rows, eval_rows,
+             monitor: RunMonitor, overrides: dict | None, seed: int, show_progress: bool):
+    from transformers import PrinterCallback
+
+    on_cuda = next(peft_model.parameters()).device.type == "cuda"
+    args = _training_arguments(output_dir, params, plan, bool(eval_rows), seed, show_progress, on_cuda, overrides)
+    trainer = ResponseLossTrainer(
+        model=peft_model,
+        args=args,
+        train_dataset=_Rows(train_rows),
+        eval_dataset=_Rows(eval_rows) if eval_rows else None,
+        data_collator=PaddingCollator(tokenizer.pad_token_id, multiple_of=8 if on_cuda else 1),
+        processing_class=tokenizer,
+        callbacks=[monitor],
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict when the progress bar is off
+    return trainer
+
+
+def _recent_loss(log_history: list[dict], window: int) -> float | None:
+    """Mean training loss over the last ``window`` logged steps (the last epoch by default)."""
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    if not losses:
+        return None
+    recent = losses[-max(1, window):]
+    value = sum(recent) / len(recent)
+    return round(value, 5) if math.isfinite(value) else None
+
+
+def _save_final(peft_model, output_dir: Path, data_file: Path, base_model_name: str, result: dict) -> Path:
+    """Write the adapter and its meta beside it in one rename: a half-written final never exists."""
+    final = output_dir / "final"
+    meta = {
+        "base_model": base_model_name,
+        "trained_at": time.time(),
+        "data_file": str(data_file),
+        "params": result["params"],
+        "prompt_template": result["params"].get("prompt_template"),
+        "steps": result["steps"],
+        "train_loss": result["train_loss"],
+        "eval_loss": result["eval_loss"],
+    }
+    with atomic_dir(final) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1))
+    return final

@@ -1,0 +1,273 @@
+"""llm.train / llm.evaluate on the tiny random Llama: formats, labels, guards, outputs, cancel, resume, jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from llm_module.engine import Engine
+from llm_module.errors import Conflict, InvalidInput
+from llm_module.loader import load_model
+from llm_module.prompts import render_prompt
+from llm_module.state import StateFile
+from llm_module.training import check_output_dir, train_adapter
+from llm_module.training.data import Example, detect_format, load_examples, tokenize_examples
+from llm_module.training.params import SEED_DEFAULTS, plan_steps, resolve_params
+
+DATA = Path(__file__).parent / "data"
+FAST = {"MICRO_BATCH_SIZE": 4, "BATCH_SIZE": 4, "EPOCHS": 1, "LEARNING_RATE": 5e-3, "CUTOFF_LEN": 128,
+        "LORA_R": 4, "LORA_ALPHA": 8}
+
+ALPACA = [{"instruction": f"What is the code of item {i}?", "input": "", "output": f"Item {i} has code Z{i}."}
+          for i in range(8)]
+RECORDS = {
+    "alpaca": ALPACA,
+    "dolly": [{"instruction": r["instruction"], "context": "Catalog", "response": r["output"], "category": "qa"}
+              for r in ALPACA],
+    "chat": [{"messages": [{"role": "user", "content": r["instruction"]},
+                           {"role": "assistant", "content": r["output"]}]} for r in ALPACA],
+    "sharegpt": [{"conversations": [{"from": "human", "value": r["instruction"]},
+                                    {"from": "gpt", "value": r["output"]}]} for r in ALPACA],
+    "text": [{"text": f"{r['instruction']} {r['output']}"} for r in ALPACA],
+}
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_model(str(tiny_model_dir)).tokenizer
+
+
+def run_training(model_dir: Path, data_file: Path, output_dir: Path, params: dict | None = None, *,
+                 cancel_at_step: int | None = None, **kwargs) -> tuple[dict, list[dict]]:
+    """train_adapter on a fresh tiny model; ``cancel_at_step`` sets the cancel event once that step is reported."""
+    loaded = load_model(str(model_dir))
+    cancel, reports = threading.Event(), []
+
+    def progress(report: dict) -> None:
+        reports.append(dict(report))
+        if cancel_at_step is not None and (report.get("step") or 0) >= cancel_at_step:
+            cancel.set()
+
+    resume = kwargs.pop("resume", False)
+    result = train_adapter(loaded.model, loaded.tokenizer, data_file=data_file, output_dir=output_dir,
+                           training_params={**FAST, **(params or {})}, resume_from_checkpoint=resume,
+                           progress=progress, cancel=cancel, base_model_name="tiny", show_progress=False, **kwargs)
+    return result, reports
+
+
+def digest(folder: Path) -> str:
+    sha = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            sha.update(path.name.encode() + path.read_bytes())
+    return sha.hexdigest()
+
+
+# ------------------------------------------------------------------ data
+@pytest.mark.parametrize("fmt", sorted(RECORDS))
+def test_format_is_detected_from_the_records(fmt):
+    assert detect_format(RECORDS[fmt]) == ("text" if fmt == "text" else fmt)
+
+
+def test_chat_prompt_is_what_generation_sees_and_only_the_response_is_learned(tokenizer, tmp_path):
+    rows, summary = load_examples(write_jsonl(tmp_path / "a.jsonl", ALPACA[:1]), tokenizer, data_format=None,
+                                  prompt_template=None, cutoff_len=256, train_on_inputs=False)
+    assert summary["prompt_template"] == "chat"
+    prompt = render_prompt(tokenizer, [{"role": "user", "content": ALPACA[0]["instruction"]}])
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    row = rows[0]
+    assert row.input_ids[:len(prompt_ids)] == prompt_ids
+    assert row.labels[:len(prompt_ids)] == [-100] * len(prompt_ids)
+    response = tokenizer.decode(row.labels[len(prompt_ids):-1])
+    assert response == ALPACA[0]["output"]
+    assert row.input_ids[-1] == row.labels[-1] == tokenizer.eos_token_id  # the tuned model learns to stop
+
+
+def test_train_on_inputs_and_alpaca_template(tokenizer, tmp_path):
+    rows, summary = load_examples(write_jsonl(tmp_path / "a.jsonl", ALPACA[:1]), tokenizer, data_format="alpaca",
+                                  prompt_template="alpaca", cutoff_len=256, train_on_inputs=True)
+    assert summary["prompt_template"] == "alpaca"
+    assert rows[0].labels == rows[0].input_ids
+    assert tokenizer.decode(rows[0].input_ids).startswith("Below is an instruction")
+
+
+def test_long_text_is_cut_into_overlapping_windows(tokenizer):
+    text = " ".join(f"word{i}" for i in range(400))
+    rows, _ = tokenize_examples([Example("", text, end_with_eos=False)], tokenizer, cutoff_len=64,
+                                train_on_inputs=False, chunk_text=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(rows) > 2 and all(len(r) == 64 for r in rows[:-1])
+    assert rows[0].input_ids == ids[:64] and rows[-1].input_ids[-1] == ids[-1]  # nothing lost at either end
+    second_start = ids.index(rows[1].input_ids[0], 1)
+    assert second_start < 64  # windows overlap
+
+
+def test_csv_and_txt_files_load(tokenizer, tmp_path):
+    csv_file = tmp_path / "d.csv"
+    csv_file.write_text("instruction,input,output\nSay hi,,Hi there.\nSay bye,,Bye now.\n")
+    rows, summary = load_examples(csv_file, tokenizer, data_format=None, prompt_template=None, cutoff_len=64,
+                                  train_on_inputs=False)
+    assert summary["data_format"] == "alpaca" and len(rows) == 2
+    txt = tmp_path / "book.txt"
+    txt.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    rows, summary = load_examples(txt, tokenizer, data_format=None, prompt_template=None, cutoff_len=64,
+                                  train_on_inputs=False)
+    assert summary["data_format"] == "text" and len(rows) > 5 and all(len(r) <= 64 for r in rows)
+
+
+def test_bad_records_are_refused_with_the_record_named(tokenizer, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", ALPACA[:2] + [{"instruction": "x"}])
+    with pytest.raises(InvalidInput, match="Record 2"):
+        load_examples(bad, tokenizer, data_format="alpaca", prompt_template=None, cutoff_len=64, train_on_inputs=False)
+    with pytest.raises(InvalidInput, match="Cannot tell the data format"):
+        load_examples(write_jsonl(tmp_path / "x.jsonl", [{"q": 1}]), tokenizer, data_format=None,
+                      prompt_template=None, cutoff_len=64, train_on_inputs=False)
+
+
+# ---------------------------------------------------------------- params
+def test_seed_recipe_on_small_data_is_adjusted_and_explained():
+    plan = plan_steps(resolve_params(SEED_DEFAULTS), n_train=10)
+    assert plan.accumulation == 1 and plan.steps_per_epoch == 3  # not one step per epoch
+    assert plan.warmup_steps < plan.total_steps  # the learning rate leaves 0
+    text = " ".join(plan.warnings)
+    assert "BATCH_SIZE 128 is too large" in text and "WARMUP_STEPS 20" in text and "LEARNING_RATE 2e-05" in text
+
+
+def test_unknown_keys_are_refused_with_suggestions(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    with pytest.raises(InvalidInput, match="'EPOCHS'"):
+        run_training(tiny_model_dir, data, tmp_path / "o", {"EPOCH": 2})
+    with pytest.raises(InvalidInput, match="'val_set_size'"):
+        run_training(tiny_model_dir, data, tmp_path / "o", val_set_sise=2)
+    with pytest.raises(InvalidInput, match="'learning_rate'"):
+        run_training(tiny_model_dir, data, tmp_path / "o", training_args_kwargs={"learning_rat": 1e-3})
+
+
+def test_output_dir_of_other_files_is_refused(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("x")
+    with pytest.raises(Conflict, match="not a previous llm.train run"):
+        check_output_dir(tmp_path / "mine", False)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "training_log.json").write_text("{}")
+    check_output_dir(tmp_path / "run", True)
+    check_output_dir(tmp_path / "new", False)
+
+
+# -------------------------------------------------------------- training
+@pytest.mark.parametrize("fmt", sorted(RECORDS))
+def test_each_format_trains_and_loads_with_plain_peft(fmt, tiny_model_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = write_jsonl(tmp_path / f"{fmt}.jsonl", RECORDS[fmt])
+    result, reports = run_training(tiny_model_dir, data, tmp_path / "out", val_set_size=2)
+    assert not result["cancelled"] and result["steps"] == 2 and result["params"]["data_format"] == fmt
+    assert result["train_tokens"] > 0 and result["eval_loss"] > 0 and result["perplexity"] > 1
+    assert reports[-1]["state"] == "done" and any(r.get("loss") for r in reports)
+    final = Path(result["adapter_dir"])
+    assert json.loads((final / "llm_module.json").read_text())["base_model"] == "tiny"
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    tuned = PeftModel.from_pretrained(base, str(final))
+    lora_b = [p for n, p in tuned.named_parameters() if "lora_B" in n]
+    assert lora_b and any(torch.count_nonzero(p) for p in lora_b)  # the adapter learned something
+
+
+def test_run_writes_log_curve_checkpoints_and_honours_overrides(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    out = tmp_path / "out"
+    result, _ = run_training(tiny_model_dir, data, out, {"EPOCHS": 2},
+                             training_args_kwargs={"lr_scheduler_type": "constant", "warmup_steps": 0},
+                             lora_config_kwargs={"target_modules": ["q_proj", "v_proj"]})
+    log = json.loads((out / "training_log.json").read_text())
+    assert [s["step"] for s in log["steps"]] == [1, 2, 3, 4]
+    assert {s["learning_rate"] for s in log["steps"]} == {FAST["LEARNING_RATE"]}  # constant: override won
+    assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    config = json.loads((Path(result["adapter_dir"]) / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_cancel_stops_cleanly_and_keeps_the_previous_final(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    out = tmp_path / "out"
+    first, _ = run_training(tiny_model_dir, data, out)
+    before = digest(out / "final")
+    second, reports = run_training(tiny_model_dir, data, out, {"EPOCHS": 3}, cancel_at_step=2)
+    assert second["cancelled"] and second["adapter_dir"] is None
+    assert second["steps"] == 2 < second["total_steps"] == 6
+    assert reports[-1]["state"] == "cancelled"
+    assert digest(out / "final") == before  # the last good adapter is untouched
+
+
+def test_resume_continues_from_the_last_complete_checkpoint(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    out = tmp_path / "out"
+    stopped, _ = run_training(tiny_model_dir, data, out, {"EPOCHS": 3}, cancel_at_step=3)
+    assert stopped["cancelled"] and (out / "checkpoint-3" / "optimizer.pt").is_file()
+    broken = out / "checkpoint-5"  # what a kill -9 during a checkpoint write leaves: no trainer_state.json
+    broken.mkdir()
+    (broken / "adapter_model.safetensors").write_bytes(b"half")
+    resumed, _ = run_training(tiny_model_dir, data, out, {"EPOCHS": 3}, resume=True)
+    assert resumed["resumed_from"] == str(out / "checkpoint-3")
+    assert any("incomplete checkpoint" in w for w in resumed["warnings"])
+    assert resumed["steps"] == 6 and not resumed["cancelled"] and Path(resumed["adapter_dir"]).is_dir()
+    steps = [s["step"] for s in json.loads((out / "training_log.json").read_text())["steps"]]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the step count continued; nothing was trained twice
+    assert resumed["train_tokens"] > stopped["train_tokens"]
+
+
+# -------------------------------------------------------- engine and jobs
+@pytest.fixture()
+def engine(tiny_model_dir, tmp_path):
+    engine = Engine(state_file=StateFile(tmp_path / "state.json"))
+    engine.setup(str(tiny_model_dir))
+    yield engine
+    engine.close()
+
+
+def test_evaluate_base_and_adapters_through_the_engine(engine, tmp_path):
+    data = str(write_jsonl(tmp_path / "d.jsonl", ALPACA))
+    base = engine.evaluate(data)
+    first = engine.train(data, str(tmp_path / "first"), {**FAST, "EPOCHS": 3}, show_progress=False)
+    assert first["adapter"] == "first" and engine.generate("hi", adapter="first", max_new_tokens=2)
+    engine.train(data, str(tmp_path / "second"), {**FAST, "LEARNING_RATE": 1e-4}, show_progress=False)
+    tuned = engine.evaluate(data, adapter="first")
+    other = engine.evaluate(data, adapter="second")
+    assert tuned["tokens"] == base["tokens"] > 0 and tuned["records"] == len(ALPACA)
+    assert tuned["loss"] < other["loss"] < base["loss"]  # each adapter is measured with its own weights
+    assert engine.evaluate(data, adapter="base")["loss"] == pytest.approx(base["loss"], rel=1e-5)
+    with pytest.raises(InvalidInput, match="'batch_size'"):
+        engine.evaluate(data, batch_sise=2)
+
+
+def test_background_job_reports_progress_serves_meanwhile_and_cancels(engine, tmp_path):
+    data = str(write_jsonl(tmp_path / "d.jsonl", ALPACA * 8))
+    started = engine.train(data, str(tmp_path / "bg"), {**FAST, "EPOCHS": 20}, background=True)
+    job_id = started["job_id"]
+    deadline = time.monotonic() + 120
+    while (engine.job_status(job_id)["progress"].get("step") or 0) < 2:
+        assert time.monotonic() < deadline, engine.job_status(job_id)
+        time.sleep(0.2)
+    status = engine.job_status(job_id)
+    progress = status["progress"]
+    assert status["state"] == "running" and progress["total_steps"] == 320
+    assert progress["tokens_per_s"] > 0 and progress["eta_s"] > 0 and progress["loss"] is not None
+    assert engine.generate("hello", max_new_tokens=3)  # the base model keeps answering
+    assert job_id in [j["job_id"] for j in engine.list_jobs()]
+    engine.cancel_job(job_id)
+    engine.jobs.wait(job_id, timeout=120)
+    final = engine.job_status(job_id)
+    assert final["state"] == "cancelled" and final["result"]["cancelled"]
+    assert not (tmp_path / "bg" / "final").exists() and "bg" not in [a["name"] for a in engine.list_adapters()]
