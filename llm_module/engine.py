@@ -509,6 +509,38 @@ class Engine:
         if self._batcher is not None:
             self._batcher.stop()
 
+    # ------------------------------------------------------ small-data strategies
+    def augment(self, data_file: str, output_file: str, methods: list[str] | None = None, copies: int = 1,
+                seed: int = 0, *, adapter: str | None = None, **kwargs: Any) -> dict:
+        """Write ``data_file``'s records plus augmented copies to ``output_file`` (see llm_module.augment)."""
+        from .augment import augment_file
+
+        data_path = resolve_user_path(data_file, self.data_root, must_exist=True, what="data_file")
+        out_path = resolve_user_path(output_file, self.data_root, must_exist=False, what="output_file")
+        if adapter not in (None, ""):
+            self.ensure_ready()
+            self.adapter_for(adapter)  # an unknown adapter fails here, before any record is read
+
+        def paraphrase(prompts: list[str], **options: Any) -> list:
+            return self.generate(prompts, chat=True, adapter=adapter, **options)
+
+        return augment_file(data_path, out_path, methods=methods or ["synonym"], copies=copies, seed=seed,
+                            generate=paraphrase, **kwargs)
+
+    def select_informative(self, data_file: str, k: int, strategy: str = "entropy", *, adapter: str | None = None,
+                           output_file: str | None = None, **kwargs: Any) -> dict:
+        """The ``k`` records of ``data_file`` the model is least sure of (see llm_module.active)."""
+        from .active import select_informative
+
+        self.ensure_ready()
+        data_path = resolve_user_path(data_file, self.data_root, must_exist=True, what="data_file")
+        out_path = (resolve_user_path(output_file, self.data_root, must_exist=False, what="output_file")
+                    if output_file else None)
+        name = self.adapter_for(adapter)
+        return select_informative(self._model, self._loaded.tokenizer, data_path, k, strategy=strategy,
+                                  adapter=name, multi_adapter=bool(self._adapters), output_path=out_path,
+                                  lock=self._model_lock, **kwargs)
+
 
 def _adapter_name_for(path: Path) -> str:
     """An adapter's default name: its folder, or the run folder for a llm.train ``final/``."""

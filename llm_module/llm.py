@@ -16,6 +16,8 @@ from llm_module.engine import default_engine
 from llm_module.errors import InvalidInput, suggest
 
 SETUP_OPTIONS = ("tokenizer_kwargs", "model_kwargs", "device", "dtype", "adapters")
+AUGMENT_OPTIONS = ("fields", "rate", "data_format")
+SELECT_OPTIONS = ("max_new_tokens", "batch_size", "prompt_template")
 
 
 def _refuse_unknown(action: str, kwargs: dict, allowed: tuple[str, ...]) -> None:
@@ -104,8 +106,25 @@ def model_info() -> dict:
     return default_engine().describe()
 
 
+@jaseci_action(act_group=["llm"], allow_remote=True)
+def augment(data_file: str, output_file: str, methods: list = None, copies: int = 1, seed: int = 0,
+            adapter: str = None, **kwargs) -> dict:
+    """Write data_file's records plus copies whose prompts are rewritten (synonym, shuffle, paraphrase)."""
+    _refuse_unknown("augment", kwargs, AUGMENT_OPTIONS)
+    return default_engine().augment(data_file, output_file, methods, copies, seed, adapter=adapter, **kwargs)
+
+
+@jaseci_action(act_group=["llm"], allow_remote=True)
+def select_informative(data_file: str, k: int = 10, strategy: str = "entropy", adapter: str = None,
+                       output_file: str = None, **kwargs) -> dict:
+    """The k unlabelled records the model is least sure of (entropy or perplexity of its own answer)."""
+    _refuse_unknown("select_informative", kwargs, SELECT_OPTIONS)
+    return default_engine().select_informative(data_file, k, strategy, adapter=adapter, output_file=output_file,
+                                               **kwargs)
+
+
 ACTIONS = {
     func.__name__: func
     for func in (setup, generate, train, evaluate, load_adapter, unload_adapter, list_adapters,
-                 set_default_adapter, job_status, cancel_job, list_jobs, model_info)
+                 set_default_adapter, job_status, cancel_job, list_jobs, model_info, augment, select_informative)
 }
