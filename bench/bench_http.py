@@ -47,10 +47,18 @@ class Server:
                 "--log-level", "warning"]
         if model:
             args += ["--model", model]
-        env = {**os.environ, "LLM_MODULE_HOME": str(workdir / ("on" if batching else "off"))}
+        from llm_module.paths import model_cache_dir
+
+        # A private home (state) but the shared model cache: no GGUF re-conversion per run.
+        env = {**os.environ, "LLM_MODULE_HOME": str(workdir / ("on" if batching else "off")),
+               "LLM_MODULE_CACHE": str(model_cache_dir())}
         self.log = open(workdir / f"server-{'on' if batching else 'off'}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -67,7 +75,10 @@ class Server:
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
         self.log.close()
 
 

@@ -118,7 +118,11 @@ def start_server(workdir: Path, *args: str, env: dict | None = None, wait_ready:
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = workdir / "server.log"
-    full_env = {**os.environ, "LLM_MODULE_HOME": str(workdir / "home"), "PYTHONUNBUFFERED": "1", **(env or {})}
+    from llm_module.paths import model_cache_dir
+
+    # A private home (state) but the shared model cache, so the default model is never re-converted.
+    full_env = {**os.environ, "LLM_MODULE_HOME": str(workdir / "home"), "LLM_MODULE_CACHE": str(model_cache_dir()),
+                "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "llm_module", "serve", "--host", "127.0.0.1", "--port", str(port), *args],

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from llm_module import llm
@@ -25,6 +25,10 @@ def _call(app: FastAPI, action: str, **kwargs: Any):
 
 def build_router(app: FastAPI) -> APIRouter:
     router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
+    async def home() -> RedirectResponse:
+        return RedirectResponse("/docs")  # as jaseci's serv_actions does
 
     @router.get("/healthz", tags=["probes"], summary="The process is up (no model needed)")
     async def healthz() -> dict:
