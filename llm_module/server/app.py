@@ -47,9 +47,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.settings, app.state.engine = settings, engine
     app.state.startup = StartupLoad(engine, settings)
     install_error_handlers(app)
+    app.include_router(routes_ui.build_router(app))  # first: its GET / opens the playground (issue 9), not /docs
     app.include_router(routes_api.build_router(app))
     app.include_router(routes_actions.build_router(app))
-    app.include_router(routes_ui.build_router(app))  # the web playground at /ui/ and its /v1/files, loss routes
     # Added last runs first: the token is checked before any body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(TokenMiddleware, token=settings.token)
