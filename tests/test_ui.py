@@ -193,6 +193,18 @@ def test_generate_streams_text_and_compares_adapters(browser, ui_server):
     screenshot(browser, "generate")
     set_checked(browser, "compare", False)
 
+    # Chat: each turn is sent with the ones before it, shown as a transcript.
+    browser.find_element("css selector", 'input[name="mode"][value="chat"]').click()
+    assert by_id(browser, "prompt-label").text == "Message" and by_id(browser, "system-prompt").is_displayed()
+    for message in ("Hi there", "And again"):
+        fill(browser, "prompt", message)
+        assert generate_and_wait(browser)[0] is not None
+    turns = browser.find_elements("css selector", "#output-a-text .turn")
+    assert [t.get_attribute("class") for t in turns] == ["turn user", "turn assistant"] * 2
+    assert turns[2].text == "You: And again" and by_id(browser, "prompt").get_attribute("value") == ""
+    by_id(browser, "new-conversation").click()
+    assert browser.find_elements("css selector", "#output-a-text .turn") == []
+
 
 def test_train_an_adapter_then_generate_and_evaluate_with_it(browser, ui_server, alpaca_file):
     browser.get(ui_server.url + "/ui/")
@@ -203,6 +215,15 @@ def test_train_an_adapter_then_generate_and_evaluate_with_it(browser, ui_server,
     by_id(browser, "upload").click()
     wait_for(lambda: by_id(browser, "upload-status").text.startswith("Uploaded"), 30, "the upload")
     assert by_id(browser, "train-data-file").get_attribute("value") == "uploads/alpaca-tiny.jsonl"
+
+    # A long run, cancelled once it has started.
+    fill(browser, "train-adapter-name", "ui-cancelled")
+    fill(browser, "train-max-steps", "100000")
+    by_id(browser, "start-training").click()
+    wait_for(lambda: by_id(browser, "job-step").text not in ("–", "0 / 100000"), 120, "the first steps")
+    by_id(browser, "cancel-job").click()
+    wait_for(lambda: by_id(browser, "job-state").get_attribute("data-state") == "cancelled", 120, "the cancel")
+    assert "Cancelled" in by_id(browser, "job-result").text
 
     fill(browser, "train-adapter-name", "ui-tuned")
     assert by_id(browser, "train-output-dir").text == "runs/ui-tuned"
