@@ -79,6 +79,8 @@ def train_adapter(model, tokenizer, *, data_file: Path, output_dir: Path, traini
         "warnings": warnings,
         "adapter_dir": None,
     }
+    if not trainer.is_world_process_zero():  # distributed run: rank 0 alone evaluates and writes log and final/
+        return result
     if eval_rows and not monitor.cancelled:
         progress({"state": "evaluating"})
         total, tokens = token_loss(peft_model, eval_rows, pad_id=tokenizer.pad_token_id,
