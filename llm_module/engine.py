@@ -443,7 +443,9 @@ class Engine:
               resume_from_checkpoint: bool | str = False, *, adapter_name: str | None = None,
               background: bool = False, **kwargs: Any) -> dict:
         from .training import check_output_dir, train_adapter
+        from .training.distributed import pop_launch_options, train_distributed
 
+        launch = pop_launch_options(kwargs)  # num_processes > 1 or nnodes > 1: a torchrun job, else in-process
         self.ensure_ready()
         data_path = resolve_user_path(data_file, self.data_root, must_exist=True, what="data_file")
         out_path = resolve_user_path(output_dir, self.data_root, must_exist=False, what="output_dir")
@@ -466,6 +468,14 @@ class Engine:
         show_progress = kwargs.pop("show_progress", not background)
 
         def work(progress, cancel) -> dict:
+            if launch is not None:
+                result = train_distributed(
+                    launch, setup_args=self._setup_args, data_file=data_path, output_dir=out_path,
+                    training_params=training_params, resume_from_checkpoint=resume_from_checkpoint,
+                    progress=progress, cancel=cancel, base_model_name=self._loaded.name,
+                    show_progress=show_progress, **kwargs,
+                )
+                return self._load_trained(result, name)
             fresh = load_model(**self._setup_args)  # a private copy: serving goes on untouched
             result = train_adapter(
                 fresh.model, fresh.tokenizer, data_file=data_path, output_dir=out_path,
@@ -474,14 +484,18 @@ class Engine:
                 show_progress=show_progress, **kwargs,
             )
             del fresh
-            if not result.get("cancelled"):
-                result["adapter"] = self.load_adapter(result["adapter_dir"], name, replace=True)["name"]
-            return result
+            return self._load_trained(result, name)
 
         if background:
             job = self.jobs.start("train", params, work)
             return {"job_id": job.id, "state": job.state, **params}
         return work(lambda progress: None, threading.Event())
+
+    def _load_trained(self, result: dict, name: str) -> dict:
+        """Make a finished run's adapter live (a node other than 0 of a multi-node run wrote none)."""
+        if not result.get("cancelled") and result.get("adapter_dir"):
+            result["adapter"] = self.load_adapter(result["adapter_dir"], name, replace=True)["name"]
+        return result
 
     def evaluate(self, data_file: str, adapter: str | None = None, **kwargs: Any) -> dict:
         from .training import evaluate_model
