@@ -43,6 +43,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="base model to load at start (path, .gguf or hub id; default: bundled)")
     p.add_argument("--adapter", dest="adapters", action="append", type=_name_path, metavar="NAME=PATH",
                    help="adapter to load at start (repeatable)")
+    p.add_argument("--adapters-dir", help="shared folder: every adapter folder in it loads at start (scale-out)")
+    p.add_argument("--adapters-poll-s", type=float, help="re-scan --adapters-dir every N seconds (0: off)")
     p.add_argument("--no-preload", dest="preload", action="store_false", default=None,
                    help="do not load a model at start (the first call loads it)")
     p.add_argument("--device")
@@ -85,6 +87,11 @@ def _add_engine_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data_file")
     p.add_argument("output_dir")
     p.add_argument("--params", type=_json_object, default=None, help="training_params as JSON")
+    p.add_argument("--num-processes", type=int, help="train as a torchrun job of N processes (DDP); default 1")
+    p.add_argument("--nnodes", type=int, help="multi-node: number of nodes (see docs/scaling.md)")
+    p.add_argument("--node-rank", type=int, help="multi-node: this node's rank (0: the master)")
+    p.add_argument("--master-addr", help="multi-node: address of node 0")
+    p.add_argument("--master-port", type=int, help="multi-node: free port on node 0")
     p.set_defaults(run=_train)
 
     p = sub.add_parser("evaluate", parents=[common], help="loss and perplexity on a data file")
@@ -145,7 +152,8 @@ def _generate(args: argparse.Namespace) -> Any:
 
 
 def _train(args: argparse.Namespace) -> Any:
-    return _engine(args).train(args.data_file, args.output_dir, args.params)
+    launch = {key: getattr(args, key) for key in ("num_processes", "nnodes", "node_rank", "master_addr", "master_port")}
+    return _engine(args).train(args.data_file, args.output_dir, args.params, **launch)
 
 
 def _evaluate(args: argparse.Namespace) -> Any:

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from llm_module import __version__
 from llm_module.engine import Engine, set_default_engine
-from llm_module.server import routes_actions, routes_api, routes_ui
+from llm_module.server import routes_actions, routes_api, routes_scale, routes_ui
 from llm_module.server.errors import install_error_handlers
 from llm_module.server.lifecycle import StartupLoad
 from llm_module.server.security import BodyLimitMiddleware, TokenMiddleware
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(routes_ui.build_router(app))  # first: its GET / opens the playground (issue 9), not /docs
     app.include_router(routes_api.build_router(app))
     app.include_router(routes_actions.build_router(app))
+    app.include_router(routes_scale.build_router(app))  # --adapters-dir: shared adapters of scaled-out replicas
     # Added last runs first: the token is checked before any body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(TokenMiddleware, token=settings.token)

@@ -19,6 +19,11 @@ class Settings(BaseSettings):
     model: str | None = Field(None, description="Base model to load at start (None: the bundled default).")
     adapters: dict[str, str] = Field(
         default_factory=dict, description='Adapters to load at start, {name: path} (env: JSON object).')
+    adapters_dir: Path | None = Field(
+        None, description="Shared adapter folder (scale-out): each adapter folder in it loads at start under its "
+                          "folder name; POST /v1/adapters/reload loads what changed (relative: to data_root).")
+    adapters_poll_s: float = Field(0.0, ge=0, description="Re-scan adapters_dir every N seconds (0: only at start "
+                                   "and on POST /v1/adapters/reload).")
     preload: bool = Field(True, description="Load the model in the background at start-up.")
     device: str = "auto"
     dtype: str = "auto"

@@ -1,0 +1,193 @@
+"""Scale-out: replicas share their adapters through one folder (``adapters_dir``, e.g. a ReadWriteMany volume).
+
+Each folder in ``adapters_dir`` holding an adapter (``adapter_config.json``, or a ``final/``
+written by llm.train) is served under the folder's name. A replica loads them all right
+after its model, and reports ready (/readyz) only then. ``POST /v1/adapters/reload`` loads
+the folders added since, reloads those whose weights changed (a retrained ``final/`` is a
+new file: llm.train swaps it in atomically) and unloads those removed; with
+``adapters_poll_s`` each replica does so by itself every N seconds, which reaches every
+replica behind a Service (a POST reaches only one).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from llm_module.adapters import NAME_RE
+from llm_module.engine import Engine
+from llm_module.errors import InvalidInput, NotReady
+from llm_module.server.lifecycle import StartupLoad
+from llm_module.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_folders(root: Path) -> dict[str, Path]:
+    """{name: adapter directory} for each adapter folder directly inside ``root`` (hidden ones skipped)."""
+    found = {}
+    for child in sorted(root.iterdir()) if root.is_dir() else ():
+        if child.name.startswith(".") or not child.is_dir() or not NAME_RE.match(child.name):
+            continue
+        for candidate in (child, child / "final"):
+            if (candidate / "adapter_config.json").is_file():
+                found[child.name] = candidate
+                break
+    return found
+
+
+def fingerprint(adapter_dir: Path) -> tuple | None:
+    """What changes when an adapter is rewritten: its weight file's inode, size and mtime."""
+    for name in WEIGHT_FILES:
+        try:
+            stat = (adapter_dir / name).stat()
+        except OSError:
+            continue
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns
+    return None
+
+
+class SharedAdapters:
+    """Keeps an engine's adapters in step with the folders of ``root``."""
+
+    def __init__(self, engine: Engine, root: Path) -> None:
+        self.engine = engine
+        self.root = root
+        self.served: dict[str, tuple | None] = {}  # name -> fingerprint, for the adapters this folder provided
+        self.last_report: dict | None = None
+        self._lock = threading.Lock()
+
+    def sync(self) -> dict:
+        with self._lock:
+            report: dict = {"adapters_dir": str(self.root), "loaded": [], "reloaded": [], "unchanged": [],
+                            "unloaded": [], "skipped": {}, "failed": {}}
+            found = adapter_folders(self.root)
+            live = {a["name"]: Path(a["path"]) for a in self.engine.list_adapters()}
+            for name, adapter_dir in found.items():
+                self._sync_one(name, adapter_dir, live.get(name), report)
+            for name in sorted(set(self.served) - set(found)):
+                self.served.pop(name)
+                if name in live:
+                    self.engine.unload_adapter(name)
+                    report["unloaded"].append(name)
+            self.last_report = report
+            return report
+
+    def _sync_one(self, name: str, adapter_dir: Path, live_path: Path | None, report: dict) -> None:
+        current = fingerprint(adapter_dir)
+        if live_path is not None and live_path.resolve() != adapter_dir.resolve():
+            report["skipped"][name] = f"an adapter named {name!r} is loaded from {str(live_path)!r}; left as is"
+            return
+        if live_path is not None and name in self.served and self.served[name] == current:
+            report["unchanged"].append(name)
+            return
+        try:
+            self.engine.load_adapter(str(adapter_dir), name, replace=live_path is not None)
+        except Exception as exc:  # one bad folder must not keep the others (or the replica) from serving
+            report["failed"][name] = f"{type(exc).__name__}: {exc}"
+            log.warning("Shared adapter %s from %s not loaded: %s", name, adapter_dir, exc)
+            return
+        self.served[name] = current
+        report["reloaded" if live_path is not None else "loaded"].append(name)
+
+
+class StartupWithSharedAdapters:
+    """The start-up model load, then the shared adapters; waiters and /readyz see both as one load."""
+
+    def __init__(self, inner: StartupLoad, shared: SharedAdapters, poll_s: float) -> None:
+        self.inner = inner
+        self.shared = shared
+        self.poll_s = poll_s
+        self._done = threading.Event()
+        self._done.set()
+
+    def __getattr__(self, name: str):  # state, error, started, settings, engine: the inner load's
+        return getattr(self.inner, name)
+
+    def start(self) -> None:
+        self.inner.start()
+        self._done.clear()
+        threading.Thread(target=self._after_model, name="llm-shared-adapters", daemon=True).start()
+
+    def _after_model(self) -> None:
+        try:
+            while True:
+                try:
+                    self.inner.wait(60)
+                    break
+                except NotReady:
+                    continue
+            if self.shared.engine.ready:
+                report = self.shared.sync()
+                log.info("Shared adapters from %s: %s", self.shared.root, report)
+        except Exception as exc:
+            log.error("Loading the shared adapters failed: %s", exc)
+        finally:
+            self._done.set()
+        while self.poll_s > 0:
+            time.sleep(self.poll_s)
+            if self.shared.engine.ready:
+                try:
+                    self.shared.sync()
+                except Exception as exc:  # the next poll tries again
+                    log.warning("Re-scanning %s failed: %s", self.shared.root, exc)
+
+    def wait(self, timeout: float) -> None:
+        started = time.monotonic()
+        self.inner.wait(timeout)
+        if not self._done.wait(max(0.0, timeout - (time.monotonic() - started))):
+            raise NotReady("The model is loaded; the shared adapters are still loading. Retry shortly.")
+
+    def require_loaded(self) -> None:
+        self.inner.require_loaded()
+
+    def status(self) -> dict:
+        status = self.inner.status()
+        if status["ready"] and not self._done.is_set():
+            status.update(ready=False, startup="loading shared adapters")
+        return status
+
+
+def shared_adapters_dir(settings: Settings) -> Path | None:
+    folder = settings.adapters_dir
+    if folder is None:
+        return None
+    folder = Path(folder).expanduser()
+    if not folder.is_absolute() and settings.data_root is not None:
+        folder = settings.data_root / folder
+    return folder.resolve()
+
+
+def build_router(app: FastAPI) -> APIRouter:
+    router = APIRouter()
+    settings: Settings = app.state.settings
+    folder = shared_adapters_dir(settings)
+    shared = SharedAdapters(app.state.engine, folder) if folder else None
+    if shared is not None:
+        app.state.startup = StartupWithSharedAdapters(app.state.startup, shared, settings.adapters_poll_s)
+    app.state.shared_adapters = shared
+
+    @router.post("/v1/adapters/reload", tags=["adapters"], summary="Load what changed in the shared adapters_dir",
+                 description="Loads new adapter folders, reloads retrained ones, unloads removed ones; answers "
+                             "what it did per name. Needs the adapters_dir setting.")
+    async def reload_adapters() -> dict:
+        if shared is None:
+            raise InvalidInput("This server has no adapters_dir; start it with --adapters-dir (or "
+                               "LLM_MODULE_ADAPTERS_DIR) to share adapters between replicas.")
+        return await run_in_threadpool(_sync_when_ready, app, shared)
+
+    return router
+
+
+def _sync_when_ready(app: FastAPI, shared: SharedAdapters) -> dict:
+    app.state.startup.wait(app.state.settings.ready_timeout_s)
+    app.state.startup.require_loaded()
+    shared.engine.ensure_ready()
+    return shared.sync()
