@@ -9,7 +9,8 @@ import time
 import pytest
 import requests
 
-from llm_module.server.routes_ui import STATIC_DIR, LossHistory
+from llm_module.server import routes_ui
+from llm_module.server.routes_ui import STATIC_DIR, LossHistory, list_data_root
 from tests.conftest import start_server
 
 TOKEN = "ui-api-token-123"
@@ -96,6 +97,19 @@ def test_files_lists_data_and_adapter_folders_only(server):
                         "runs/run1/training_log.json", ".cache/secret.json", "data/image.png"}
     assert {a["path"] for a in listing["adapter_dirs"]} == {"adapters/mine", "runs/run1"}
     assert listing["max_upload_bytes"] == UPLOAD_CAP and listing["truncated"] is False
+
+
+def test_files_listing_is_bounded(tmp_path, monkeypatch):
+    for i in range(5):
+        (tmp_path / f"d{i}").mkdir()
+        (tmp_path / f"d{i}" / "a.jsonl").write_text("{}")
+    monkeypatch.setattr(routes_ui, "MAX_LISTED", 3)
+    listing = list_data_root(tmp_path)
+    assert len(listing["data_files"]) == 3 and listing["truncated"] is True
+    monkeypatch.setattr(routes_ui, "MAX_LISTED", 100)
+    monkeypatch.setattr(routes_ui, "MAX_FOLDERS", 2)  # the root and one folder
+    listing = list_data_root(tmp_path)
+    assert len(listing["data_files"]) == 1 and listing["truncated"] is True
 
 
 def test_upload_is_stored_under_the_data_root_and_capped(server, data_root):

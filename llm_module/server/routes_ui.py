@@ -34,6 +34,7 @@ UPLOAD_DIR = "uploads"
 UPLOAD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 MAX_LISTED = 500  # files listed by GET /v1/files
 MAX_DEPTH = 5  # folders below the data root searched by GET /v1/files
+MAX_FOLDERS = 2000  # folders visited by GET /v1/files, so a huge tree still answers at once
 MAX_LOSS_POINTS = 1000  # per job; older points are thinned out, keeping the curve's shape
 
 
@@ -104,7 +105,10 @@ def list_data_root(root: Path) -> dict:
     data_files: list[dict] = []
     adapter_dirs: list[dict] = []
     truncated = False
-    for folder, subfolders, files in os.walk(root):
+    for visited, (folder, subfolders, files) in enumerate(os.walk(root)):
+        if visited >= MAX_FOLDERS or len(data_files) >= MAX_LISTED:
+            truncated = True
+            break
         here = Path(folder)
         depth = len(here.relative_to(root).parts)
         if _is_adapter_folder(here):
