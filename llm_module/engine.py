@@ -152,6 +152,10 @@ class Engine:
             raise Conflict("Another setup is running; wait for it to finish, then call setup again.")
         try:
             loaded = load_model(**args)  # outside the model lock: generation goes on meanwhile
+            from .speed import prepare_for_inference  # imports torch: only once a model is loaded
+
+            # Serving copy only (training loads its own float copy): see llm_module/speed.py, bench/README.md.
+            prepare_for_inference(loaded.model, loaded.device)
             model, infos = loaded.model, {}
             for name, path in adapter_paths.items():
                 try:

@@ -1,0 +1,155 @@
+"""Serving-speed helpers: weight-only quantized linears, thread settings, inference preparation.
+
+Why weight-only quantization: on a CPU, decoding one token reads every weight once, so a small
+model is bound by memory traffic and per-op overhead, not arithmetic. The default model ships as
+a GGUF whose linear weights are 4-bit with one scale and minimum per 32 values (Q4_1): packing
+them back to 4 bits with the same grouping loses (almost) nothing and reads 8x fewer bytes than
+fp32. torch's CPU kernels for packed int4/int8 weights want bf16 activations, so each quantized
+layer casts its input to bf16 for the matmul only; the residual stream, norms and attention
+stay in the model's dtype.
+
+Every choice here was kept because bench/ measured it faster on the reference CPU; see
+bench/README.md for the figures and for what was tried and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+QUANT_MODES = ("none", "int8", "int4")
+SPEED_ENV = "LLM_MODULE_QUANTIZE"  # overrides the default mode: none, int8 or int4
+DEFAULT_QUANT_MODE = "int4"
+INT4_GROUP_SIZE = 32  # the GGUF Q4_1 block size: the default model's weights fit this grid exactly
+COMPUTE_DTYPE = torch.bfloat16  # what the packed-weight CPU kernels are fast with
+
+
+class WeightOnlyLinear(nn.Linear):
+    """A frozen ``nn.Linear`` whose weight is stored packed (int8 per row, or int4 per group).
+
+    It subclasses ``nn.Linear`` so peft still wraps it with LoRA layers: LoRA adds its own
+    low-rank product on top of ``base_layer(x)``, which is all this module changes.
+    """
+
+    def __init__(self, linear: nn.Linear, mode: str, group_size: int = INT4_GROUP_SIZE) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.mode, self.group_size = mode, group_size
+        weight = linear.weight.detach().float()
+        if mode == "int8":
+            packed, scales = _quantize_int8(weight)
+        elif mode == "int4":
+            packed, scales = _quantize_int4(weight, group_size)
+        else:
+            raise ValueError(f"unknown quantization mode {mode!r}; use one of {QUANT_MODES[1:]}")
+        # A non-float "weight" tells peft not to cast LoRA weights to it; they stay in fp32.
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.register_buffer("scales", scales)
+        bias = linear.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
+        if self.mode == "int8":
+            out = torch._weight_int8pack_mm(flat, self.weight, self.scales)
+        else:
+            out = torch._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales)
+        out = out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
+
+def _quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: ``w ≈ q * scale``."""
+    scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+    packed = (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return packed, scales.to(COMPUTE_DTYPE)
+
+
+def _quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of ``group_size`` inputs: ``w ≈ (q - 8) * scale + zero``.
+
+    Min/max per group reproduces a Q4_1 block (``w = q * d + m``) whenever the block uses
+    its lowest and highest codes, which nearly every 32-value block does.
+    """
+    rows, cols = weight.shape
+    groups = weight.reshape(rows, cols // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=1e-12)
+    codes = ((groups - low[..., None]) / scales[..., None]).round().clamp(0, 15)
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.reshape(rows, cols).to(torch.int32), 1)
+    zeros = low + 8 * scales
+    scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()  # [groups, rows, 2]
+    return packed, scales_and_zeros.to(COMPUTE_DTYPE)
+
+
+def can_quantize(linear: nn.Module, mode: str, group_size: int = INT4_GROUP_SIZE) -> bool:
+    if type(linear) is not nn.Linear or linear.weight.device.type != "cpu":
+        return False
+    return mode != "int4" or linear.in_features % group_size == 0
+
+
+def quantize_linears(model: nn.Module, mode: str = DEFAULT_QUANT_MODE, *, skip: Iterable[str] = ()) -> int:
+    """Replace every plain ``nn.Linear`` (not under a name in ``skip``) in place; return the count.
+
+    The output head always gets int8 per row: in the default GGUF it is the 8-bit embedding
+    table, and 4 bits there raised held-out perplexity 6.8 % (int8: +0.1 %). A tied embedding
+    keeps its float copy for lookups; the head gets its own packed copy.
+    """
+    if mode == "none":
+        return 0
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; use one of {QUANT_MODES}")
+    skipped = tuple(skip)
+    targets = [
+        (name, module) for name, module in model.named_modules()
+        if can_quantize(module, mode) and not any(name == s or name.startswith(s + ".") for s in skipped)
+    ]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, WeightOnlyLinear(module, "int8" if module is head else mode))
+    if targets and getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # so nothing re-ties the packed head to the embedding
+    return len(targets)
+
+
+def resolve_quant_mode(requested: str | None, device: str, dtype: torch.dtype) -> str:
+    """'auto' means the default mode on a CPU in fp32 and nothing elsewhere (CUDA has other kernels)."""
+    mode = (requested or os.environ.get(SPEED_ENV) or "auto").lower()
+    if mode == "auto":
+        return DEFAULT_QUANT_MODE if device == "cpu" and dtype == torch.float32 else "none"
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quantize must be one of auto, {', '.join(QUANT_MODES)}; got {mode!r}")
+    return mode
+
+
+def set_thread_count(threads: int | None = None) -> int:
+    """Use one intra-op thread per core the process may run on (torch's default can exceed that)."""
+    wanted = threads or len(os.sched_getaffinity(0))
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+    return wanted
+
+
+def prepare_for_inference(model: nn.Module, device: str, quantize: str | None = "auto") -> dict:
+    """Make a loaded base model fast to serve; return what was done (for describe/bench).
+
+    Call it on the serving copy only: training needs the float weights.
+    """
+    dtype = next(model.parameters()).dtype
+    mode = resolve_quant_mode(quantize, device, dtype)
+    count = quantize_linears(model, mode)
+    threads = set_thread_count()
+    log.info("Prepared for inference: %s linears quantized to %s, %s threads", count, mode, threads)
+    return {"quantize": mode if count else "none", "quantized_linears": count, "threads": threads}

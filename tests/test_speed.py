@@ -1,0 +1,142 @@
+"""Correctness of each serving-speed optimisation in llm_module.speed (the bench measures the speed).
+
+Each optimisation must compute what it replaces: packed weights reproduce their dequantized
+reference, a GGUF Q4_1 grid survives int4 packing exactly, LoRA adapters still apply on a
+quantized base, and on the real default model the perplexity of a held-out text moves < 1 %.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from llm_module.speed import (
+    COMPUTE_DTYPE,
+    INT4_GROUP_SIZE,
+    WeightOnlyLinear,
+    quantize_linears,
+    resolve_quant_mode,
+)
+
+HELD_OUT = Path(__file__).resolve().parents[1] / "bench" / "data" / "heldout.txt"
+
+
+def _linear(out_features: int = 96, in_features: int = 128, bias: bool = False) -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def _bf16_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What a packed layer computes: bf16 activations against the dequantized weight."""
+    return x.to(COMPUTE_DTYPE).float() @ weight.t()
+
+
+def test_int8_matches_its_dequantized_weight():
+    linear = _linear(bias=True)
+    packed = WeightOnlyLinear(linear, "int8")
+    dequantized = packed.weight.float() * packed.scales.float()[:, None]
+    x = torch.randn(5, 128)
+    expected = _bf16_reference(x, dequantized) + linear.bias
+    torch.testing.assert_close(packed(x), expected, rtol=2e-2, atol=2e-2)
+    assert (dequantized - linear.weight).abs().max() <= linear.weight.abs().max() / 127
+
+
+def test_int4_reproduces_a_q4_1_grid_exactly():
+    """Weights already on a 4-bit grid with one scale and minimum per 32 values (as in a GGUF Q4_1 file)."""
+    torch.manual_seed(1)
+    rows, cols = 64, 128
+    groups = cols // INT4_GROUP_SIZE
+    codes = torch.randint(0, 16, (rows, groups, INT4_GROUP_SIZE))
+    codes[..., 0], codes[..., 1] = 0, 15  # each block uses its lowest and highest code, as real blocks do
+    scales = (torch.rand(rows, groups, 1) * 0.01 + 0.001).to(COMPUTE_DTYPE).float()
+    minimums = (-8 * scales).to(COMPUTE_DTYPE).float()  # keeps zero = min + 8 * scale exact in bf16
+    weight = (codes * scales + minimums).reshape(rows, cols)
+    linear = nn.Linear(cols, rows, bias=False)
+    linear.weight.data = weight
+    x = torch.randn(3, cols)
+    torch.testing.assert_close(WeightOnlyLinear(linear, "int4")(x), _bf16_reference(x, weight),
+                               rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("leading", [(1,), (4,), (2, 3)])
+def test_packed_layers_keep_the_input_shape_and_dtype(leading):
+    linear = _linear()
+    for mode in ("int8", "int4"):
+        out = WeightOnlyLinear(linear, mode)(torch.randn(*leading, 128))
+        assert out.shape == (*leading, 96) and out.dtype == torch.float32
+
+
+def test_quantize_linears_replaces_every_linear_and_unties_the_head(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    reference = copy.deepcopy(model)
+    count = quantize_linears(model, "int4")
+    assert count == 2 * 7 + 1  # q k v o gate up down per layer, and the output head
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert model.config.tie_word_embeddings is False
+    ids = torch.tensor([[1, 42, 7, 99, 3]])
+    with torch.inference_mode():
+        got, want = model(ids).logits, reference(ids).logits
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.98
+    assert quantize_linears(reference, "none") == 0
+
+
+def test_lora_still_applies_on_a_quantized_base(tiny_model_dir, tiny_adapter_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    quantize_linears(base, "int8")
+    ids = torch.tensor([[1, 42, 7, 99, 3]])
+    with torch.inference_mode():
+        plain = base(ids).logits
+        tuned_model = PeftModel.from_pretrained(base, str(tiny_adapter_dir), adapter_name="a").eval()
+        tuned = tuned_model(ids).logits
+        mixed = tuned_model(ids.repeat(2, 1), adapter_names=["a", "__base__"]).logits
+    lora_params = [p for n, p in tuned_model.named_parameters() if "lora_" in n]
+    assert lora_params and all(p.dtype == torch.float32 for p in lora_params)
+    assert (tuned - plain).abs().max() > 1e-2  # the adapter changes the output
+    torch.testing.assert_close(mixed[0], tuned[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed[1], plain[0], rtol=1e-4, atol=1e-4)
+
+
+def test_quant_mode_policy(monkeypatch):
+    monkeypatch.delenv("LLM_MODULE_QUANTIZE", raising=False)
+    assert resolve_quant_mode("auto", "cpu", torch.float32) == "int4"
+    assert resolve_quant_mode("auto", "cpu", torch.bfloat16) == "none"
+    assert resolve_quant_mode("auto", "cuda", torch.float32) == "none"
+    monkeypatch.setenv("LLM_MODULE_QUANTIZE", "none")
+    assert resolve_quant_mode(None, "cpu", torch.float32) == "none"
+    with pytest.raises(ValueError):
+        resolve_quant_mode("int3", "cpu", torch.float32)
+
+
+def held_out_perplexity(model, tokenizer, text: str, window: int = 256) -> float:
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, ids.shape[1] - 1, window):
+            chunk = ids[:, start:start + window + 1]
+            logits = model(chunk[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits[0].float(), chunk[0, 1:], reduction="sum")
+            total, count = total + float(loss), count + chunk.shape[1] - 1
+    return math.exp(total / count)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_default_model_perplexity_within_one_percent(mode):
+    from llm_module.loader import load_model
+
+    loaded = load_model()
+    text = HELD_OUT.read_text(encoding="utf-8")
+    reference = held_out_perplexity(loaded.model, loaded.tokenizer, text)
+    quantize_linears(loaded.model, mode)
+    quantized = held_out_perplexity(loaded.model, loaded.tokenizer, text)
+    assert abs(quantized / reference - 1) < 0.01, (mode, reference, quantized)
