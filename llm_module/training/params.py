@@ -16,10 +16,10 @@ from ..errors import InvalidInput, suggest
 # Chosen on the catalog benchmark (bench/catalog_accuracy.py, docs/training.md): facts are
 # learned fastest by many small steps at a high LoRA learning rate on every linear layer.
 DEFAULTS = {
-    "MICRO_BATCH_SIZE": 8,
-    "BATCH_SIZE": 8,
-    "EPOCHS": 8,
-    "LEARNING_RATE": 1e-3,
+    "MICRO_BATCH_SIZE": 4,
+    "BATCH_SIZE": 4,
+    "EPOCHS": 6,
+    "LEARNING_RATE": 2e-3,
     "CUTOFF_LEN": 256,
     "LORA_R": 16,
     "LORA_ALPHA": 32,
