@@ -1,6 +1,6 @@
 """Do the small-data strategies help? Augmentation and active learning on the catalog data.
 
-  nice -n 10 python bench/small_data.py --stages select,augment,active --steps 60 --k 40 \
+  nice -n 10 python bench/small_data.py --stages select,augment,active --steps 60 --k 40 --with-base \
       --out artifacts/small_data.json
 
 Stages (each appends its figures to --out as soon as it ends, so a long run can be read midway):
@@ -44,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--strategy", default="entropy", choices=("entropy", "perplexity"))
     parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length for scoring and accuracy")
     parser.add_argument("--test-limit", type=int, default=0, help="use only the first N test questions (0: all)")
+    parser.add_argument("--with-base", action="store_true", help="also score the untrained model's accuracy")
     parser.add_argument("--out", type=Path, default=Path("artifacts/small_data.json"))
     return parser.parse_args()
 
@@ -116,7 +117,7 @@ class Bench:
         original = self.write("original.json", self.pool)
         grown = self.engine.augment(str(original), str(self.work / "augmented.json"),
                                     methods=self.args.methods.split(","), copies=self.args.copies, seed=0)
-        runs = {"base_model": {"accuracy": self.accuracy(None)}}
+        runs = {"base_model": {"accuracy": self.accuracy(None)}} if self.args.with_base else {}
         for seed in range(self.args.seeds):
             runs[f"original_seed{seed}"] = self.train_and_score(original, f"orig{seed}", seed)
             runs[f"augmented_seed{seed}"] = self.train_and_score(Path(grown["output_file"]), f"aug{seed}", seed)
