@@ -506,8 +506,15 @@ async function startTraining(event) {
 function watchJob(jobId) {
   clearTimeout(state.jobTimer);
   state.watchedJob = jobId;
+  // Nothing of the job watched before may linger until the first answer about this one.
+  $("job-title").textContent = `job ${jobId}`;
+  $("job-state").textContent = "Asking the server…";
+  $("job-state").dataset.state = "";
+  $("job-progress").value = 0;
+  for (const id of ["job-step", "job-eta", "job-tps", "job-loss"]) $(id).textContent = "–";
   $("job-result").textContent = "";
   $("try-adapter").hidden = true;
+  $("cancel-job").disabled = true;
   drawLossChart($("loss-chart"), []);
   pollJob(jobId);
 }
