@@ -142,7 +142,7 @@ class Bench:
 def _kinds(records: list[dict]) -> dict:
     """How many picked records ask about each kind of fact (price, color, ...)."""
     words = {"price": ("cost", "price"), "color": ("color", "colour"), "material": ("made", "material"),
-             "year": ("year", "introduced", "released"), "warranty": ("warranty",)}
+             "year": ("year", "when was", "introduced", "released", "launched"), "warranty": ("warranty",)}
     counts = dict.fromkeys(words, 0)
     for record in records:
         text = (record["instruction"] + " " + record["input"]).lower()
