@@ -155,7 +155,7 @@ class Engine:
             from .speed import prepare_for_inference  # imports torch: only once a model is loaded
 
             # Serving copy only (training loads its own float copy): see llm_module/speed.py, bench/README.md.
-            prepare_for_inference(loaded.model, loaded.device)
+            prepare_for_inference(loaded.model, loaded.device, source=loaded.source)
             model, infos = loaded.model, {}
             for name, path in adapter_paths.items():
                 try:

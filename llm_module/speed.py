@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,17 +38,18 @@ class WeightOnlyLinear(nn.Linear):
     low-rank product on top of ``base_layer(x)``, which is all this module changes.
     """
 
-    def __init__(self, linear: nn.Linear, mode: str, group_size: int = INT4_GROUP_SIZE) -> None:
+    def __init__(self, linear: nn.Linear, mode: str, group_size: int = INT4_GROUP_SIZE,
+                 packed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Pack ``linear``'s weight, or take ``packed`` (weight, scales) saved from an earlier packing."""
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.mode, self.group_size = mode, group_size
-        weight = linear.weight.detach().float()
-        if mode == "int8":
-            packed, scales = _quantize_int8(weight)
-        elif mode == "int4":
-            packed, scales = _quantize_int4(weight, group_size)
-        else:
+        if mode not in ("int8", "int4"):
             raise ValueError(f"unknown quantization mode {mode!r}; use one of {QUANT_MODES[1:]}")
+        if packed is None:
+            weight = linear.weight.detach().float()
+            packed = _quantize_int8(weight) if mode == "int8" else _quantize_int4(weight, group_size)
+        packed, scales = packed
         # A non-float "weight" tells peft not to cast LoRA weights to it; they stay in fp32.
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.register_buffer("scales", scales)
@@ -98,12 +100,14 @@ def can_quantize(linear: nn.Module, mode: str, group_size: int = INT4_GROUP_SIZE
     return mode != "int4" or linear.in_features % group_size == 0
 
 
-def quantize_linears(model: nn.Module, mode: str = DEFAULT_QUANT_MODE, *, skip: Iterable[str] = ()) -> int:
+def quantize_linears(model: nn.Module, mode: str = DEFAULT_QUANT_MODE, *, skip: Iterable[str] = (),
+                     cache_file: Path | None = None) -> int:
     """Replace every plain ``nn.Linear`` (not under a name in ``skip``) in place; return the count.
 
     The output head always gets int8 per row: in the default GGUF it is the 8-bit embedding
     table, and 4 bits there raised held-out perplexity 6.8 % (int8: +0.1 %). A tied embedding
     keeps its float copy for lookups; the head gets its own packed copy.
+    ``cache_file`` keeps the packed tensors: packing takes seconds, reading them back does not.
     """
     if mode == "none":
         return 0
@@ -115,13 +119,66 @@ def quantize_linears(model: nn.Module, mode: str = DEFAULT_QUANT_MODE, *, skip: 
         if can_quantize(module, mode) and not any(name == s or name.startswith(s + ".") for s in skipped)
     ]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    saved = _read_packed(cache_file)
+    fresh: dict[str, torch.Tensor] = {}
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, WeightOnlyLinear(module, "int8" if module is head else mode))
+        layer_mode = "int8" if module is head else mode
+        packed = (saved[f"{name}.weight"], saved[f"{name}.scales"]) if saved else None
+        layer = WeightOnlyLinear(module, layer_mode, packed=packed)
+        setattr(parent, child, layer)
+        fresh.update({f"{name}.weight": layer.weight.data, f"{name}.scales": layer.scales})
+    if cache_file is not None and not saved and fresh:
+        _write_packed(cache_file, fresh)
     if targets and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # so nothing re-ties the packed head to the embedding
     return len(targets)
+
+
+def _read_packed(cache_file: Path | None) -> dict[str, torch.Tensor] | None:
+    if cache_file is None or not cache_file.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(cache_file))
+    except Exception as exc:  # a torn or foreign file: pack again and overwrite it
+        log.warning("Ignoring unreadable packed-weight cache %s: %s", cache_file, exc)
+        return None
+
+
+def _write_packed(cache_file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, cache_file)
+    except OSError as exc:  # a read-only cache only costs the packing time next start
+        log.warning("Could not save packed weights to %s: %s", cache_file, exc)
+
+
+def packed_cache_file(source: str | None, mode: str) -> Path | None:
+    """Where packed weights of the local model directory ``source`` live; None for hub ids.
+
+    The key covers the directory and its weight files' sizes and times, the mode and the torch
+    version (the packed layout is torch's own), so a changed model or torch packs afresh.
+    """
+    if not source or mode == "none" or not Path(source).is_dir():
+        return None
+    import hashlib
+
+    from .paths import model_cache_dir
+
+    root = Path(source).resolve()
+    stamp = [str(root), mode, str(INT4_GROUP_SIZE), torch.__version__]
+    for weights in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
+        stat = weights.stat()
+        stamp.append(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    key = hashlib.sha1("|".join(stamp).encode()).hexdigest()[:16]
+    return model_cache_dir() / "packed" / f"{root.name}-{mode}-{key}.safetensors"
 
 
 def resolve_quant_mode(requested: str | None, device: str, dtype: torch.dtype) -> str:
@@ -142,14 +199,16 @@ def set_thread_count(threads: int | None = None) -> int:
     return wanted
 
 
-def prepare_for_inference(model: nn.Module, device: str, quantize: str | None = "auto") -> dict:
+def prepare_for_inference(model: nn.Module, device: str, quantize: str | None = "auto",
+                          source: str | None = None) -> dict:
     """Make a loaded base model fast to serve; return what was done (for describe/bench).
 
-    Call it on the serving copy only: training needs the float weights.
+    Call it on the serving copy only: training needs the float weights. ``source`` (the local
+    model directory) lets later starts read the packed weights instead of packing again.
     """
     dtype = next(model.parameters()).dtype
     mode = resolve_quant_mode(quantize, device, dtype)
-    count = quantize_linears(model, mode)
+    count = quantize_linears(model, mode, cache_file=packed_cache_file(source, mode))
     threads = set_thread_count()
     log.info("Prepared for inference: %s linears quantized to %s, %s threads", count, mode, threads)
     return {"quantize": mode if count else "none", "quantized_linears": count, "threads": threads}

@@ -140,3 +140,28 @@ def test_default_model_perplexity_within_one_percent(mode):
     quantize_linears(loaded.model, mode)
     quantized = held_out_perplexity(loaded.model, loaded.tokenizer, text)
     assert abs(quantized / reference - 1) < 0.01, (mode, reference, quantized)
+
+
+def test_packed_weights_cache_gives_the_same_model(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from llm_module.speed import packed_cache_file, prepare_for_inference
+
+    monkeypatch.setenv("LLM_MODULE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LLM_MODULE_QUANTIZE", raising=False)
+    cache_file = packed_cache_file(str(tiny_model_dir), "int4")
+    assert cache_file is not None and packed_cache_file("org/hub-id", "int4") is None
+    ids = torch.tensor([[1, 42, 7, 99, 3]])
+    logits = []
+    for _ in range(2):  # packs and saves, then reads the saved tensors back
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+        assert prepare_for_inference(model, "cpu", source=str(tiny_model_dir))["quantized_linears"] == 15
+        assert cache_file.is_file()
+        with torch.inference_mode():
+            logits.append(model(ids).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+    cache_file.write_bytes(b"torn")  # a damaged cache is packed afresh, not fatal
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    prepare_for_inference(model, "cpu", source=str(tiny_model_dir))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, logits[0], rtol=0, atol=0)
