@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import socket
 import sys
 import threading
@@ -98,7 +99,8 @@ def train_rank(spec: dict, rank: int, local_rank: int, world_size: int) -> dict:
     )
     mine = {"rank": rank, "local_rank": local_rank, "host": socket.gethostname(), "pid": os.getpid(),
             "device": str(next(loaded.model.parameters()).device), "threads": torch.get_num_threads(),
-            "micro_batches": activity.micro_batches, "tokens": activity.tokens}
+            "micro_batches": activity.micro_batches, "tokens": activity.tokens,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     ranks: list = [None] * world_size
     dist.all_gather_object(ranks, mine)
     dist.barrier()
