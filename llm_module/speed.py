@@ -212,3 +212,9 @@ def prepare_for_inference(model: nn.Module, device: str, quantize: str | None = 
     threads = set_thread_count()
     log.info("Prepared for inference: %s linears quantized to %s, %s threads", count, mode, threads)
     return {"quantize": mode if count else "none", "quantized_linears": count, "threads": threads}
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters as the unpacked model has them (packed int4 weights hold two per byte)."""
+    packed = {id(m.weight): m.in_features * m.out_features for m in model.modules() if isinstance(m, WeightOnlyLinear)}
+    return sum(packed.get(id(p), p.numel()) for p in model.parameters())

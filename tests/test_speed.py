@@ -165,3 +165,15 @@ def test_packed_weights_cache_gives_the_same_model(tiny_model_dir, tmp_path, mon
     prepare_for_inference(model, "cpu", source=str(tiny_model_dir))
     with torch.inference_mode():
         torch.testing.assert_close(model(ids).logits, logits[0], rtol=0, atol=0)
+
+
+def test_parameter_count_is_unchanged_by_packing(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from llm_module.speed import parameter_count
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    before = sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings().weight.numel()  # tied: counted once before, once more when untied
+    quantize_linears(model, "int4")
+    assert parameter_count(model) == before + head
