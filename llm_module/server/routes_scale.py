@@ -69,9 +69,11 @@ class SharedAdapters:
             report: dict = {"adapters_dir": str(self.root), "loaded": [], "reloaded": [], "unchanged": [],
                             "unloaded": [], "skipped": {}, "failed": {}}
             found = adapter_folders(self.root)
-            live = {a["name"]: Path(a["path"]) for a in self.engine.list_adapters()}
+            listed = self.engine.list_adapters()
+            live = {a["name"]: Path(a["path"]) for a in listed}
+            loaded_at = {a["name"]: a["loaded_at"] for a in listed}
             for name, adapter_dir in found.items():
-                self._sync_one(name, adapter_dir, live.get(name), report)
+                self._sync_one(name, adapter_dir, live.get(name), loaded_at.get(name), report)
             for name in sorted(set(self.served) - set(found)):
                 self.served.pop(name)
                 if name in live:
@@ -80,12 +82,15 @@ class SharedAdapters:
             self.last_report = report
             return report
 
-    def _sync_one(self, name: str, adapter_dir: Path, live_path: Path | None, report: dict) -> None:
+    def _sync_one(self, name: str, adapter_dir: Path, live_path: Path | None, loaded_at: float | None,
+                  report: dict) -> None:
         current = fingerprint(adapter_dir)
         if live_path is not None and live_path.resolve() != adapter_dir.resolve():
             report["skipped"][name] = f"an adapter named {name!r} is loaded from {str(live_path)!r}; left as is"
             return
-        if live_path is not None and name in self.served and self.served[name] == current:
+        if name not in self.served and live_path is not None and _written_before(adapter_dir, loaded_at):
+            self.served[name] = current  # loaded from this folder another way (llm.train, load_adapter, restart)
+        if live_path is not None and self.served.get(name) == current:
             report["unchanged"].append(name)
             return
         try:
@@ -96,6 +101,16 @@ class SharedAdapters:
             return
         self.served[name] = current
         report["reloaded" if live_path is not None else "loaded"].append(name)
+
+
+def _written_before(adapter_dir: Path, loaded_at: float | None) -> bool:
+    """Were the weights on disk written before the live copy was loaded (so it is that version)?"""
+    for name in WEIGHT_FILES:
+        try:
+            return loaded_at is not None and (adapter_dir / name).stat().st_mtime <= loaded_at
+        except OSError:
+            continue
+    return False
 
 
 class StartupWithSharedAdapters:
