@@ -39,4 +39,7 @@ class ResponseLossTrainer(Trainer):
         else:
             count = (target != -100).sum().clamp(min=1)
         loss = total / count
+        if count is num_items_in_batch and self.args.average_tokens_across_devices:
+            # count is then the tokens of all ranks, and DDP averages gradients over ranks: scale back, as Trainer does
+            loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
