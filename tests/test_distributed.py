@@ -118,6 +118,11 @@ def test_two_processes_train_together_and_the_adapter_serves(engine, tmp_path):
     assert adapter_config(ddp_final) == adapter_config(local_final)
     assert tensor_shapes(ddp_final) == tensor_shapes(local_final)
     assert local["steps"] == result["steps"]
+    # The first step runs the untouched base (LoRA B starts at 0) on a same-size batch: the losses agree, so
+    # the DDP loss is neither halved nor doubled by how tokens are counted across ranks.
+    first_ddp, first_local = (json.loads((tmp_path / run / "training_log.json").read_text())["steps"][0]["loss"]
+                              for run in ("ddp", "local"))
+    assert first_ddp == pytest.approx(first_local, rel=0.1)
     # Only rank 0 wrote: one final/, no leftover temporary folders from a second writer.
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir() if p.name.startswith(".")) == []
 
