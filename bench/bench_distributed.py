@@ -33,6 +33,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--records", type=int, default=64, help="training records from tests/data/catalog_train.json")
     parser.add_argument("--micro-batch", type=int, default=8, help="global micro-batch (split among processes)")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the in-process (1-process) run (default: one per core)")
     return parser.parse_args()
 
 
@@ -71,6 +73,10 @@ def main() -> None:
         data.write_text(json.dumps(records))
         engine = Engine(state_file=StateFile(scratch / "state.json"), batching=False)
         engine.setup(args.model)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         rows = [run(engine, data, scratch / f"run-{n}", n, args) for n in counts]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
