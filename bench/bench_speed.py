@@ -133,7 +133,9 @@ def interleaved(runs: dict, repeat: int, tokens: int) -> dict[str, Stats]:
 
 
 def llama_cpp(prompt: str, args) -> dict:
-    if not LLAMA_VENV_PYTHON.exists():
+    built = LLAMA_VENV_PYTHON.exists() and subprocess.run(
+        [str(LLAMA_VENV_PYTHON), "-c", "import llama_cpp"], capture_output=True).returncode == 0
+    if not built:
         return {"llama_cpp": None, "llama_cpp_note": "not built: run bench/setup_llama_cpp.sh"}
     from llm_module.loader import default_gguf_path
 

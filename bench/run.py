@@ -94,11 +94,13 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M")
     load_before = os.getloadavg()
-    results = {s: run_section(s, args, logs) for s in sections}
-    meta = {"command": "python bench/run.py " + shlex.join(sys.argv[1:]), "started": started,
-            "load_before": load_before, "load_after": os.getloadavg()}
-    (BENCH_DIR / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    write_readme(Path(args.output), meta, results)
+    results: dict[str, dict] = {}
+    for section in sections:  # the files are rewritten after each section: a cut-short run still reports
+        results[section] = run_section(section, args, logs)
+        meta = {"command": "python bench/run.py " + shlex.join(sys.argv[1:]), "started": started,
+                "load_before": load_before, "load_after": os.getloadavg()}
+        (BENCH_DIR / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        write_readme(Path(args.output), meta, results)
     log(f"wrote {args.output} and bench/results.json")
 
 

@@ -183,7 +183,7 @@ def packed_cache_file(source: str | None, mode: str) -> Path | None:
 
 def resolve_quant_mode(requested: str | None, device: str, dtype: torch.dtype) -> str:
     """'auto' means the default mode on a CPU in fp32 and nothing elsewhere (CUDA has other kernels)."""
-    mode = (requested or os.environ.get(SPEED_ENV) or "auto").lower()
+    mode = (requested if requested not in (None, "", "auto") else os.environ.get(SPEED_ENV) or "auto").lower()
     if mode == "auto":
         return DEFAULT_QUANT_MODE if device == "cpu" and dtype == torch.float32 else "none"
     if mode not in QUANT_MODES:

@@ -113,6 +113,7 @@ def test_quant_mode_policy(monkeypatch):
     assert resolve_quant_mode("auto", "cuda", torch.float32) == "none"
     monkeypatch.setenv("LLM_MODULE_QUANTIZE", "none")
     assert resolve_quant_mode(None, "cpu", torch.float32) == "none"
+    assert resolve_quant_mode("auto", "cpu", torch.float32) == "none"  # the engine passes "auto"
     with pytest.raises(ValueError):
         resolve_quant_mode("int3", "cpu", torch.float32)
 
