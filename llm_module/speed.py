@@ -14,8 +14,10 @@ bench/README.md for the figures and for what was tried and dropped.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -181,14 +183,33 @@ def packed_cache_file(source: str | None, mode: str) -> Path | None:
     return model_cache_dir() / "packed" / f"{root.name}-{mode}-{key}.safetensors"
 
 
-def resolve_quant_mode(requested: str | None, device: str, dtype: torch.dtype) -> str:
-    """'auto' means the default mode on a CPU in fp32 and nothing elsewhere (CUDA has other kernels)."""
+def resolve_quant_mode(requested: str | None, device: str, dtype: torch.dtype, *, from_gguf: bool = True) -> str:
+    """'auto' packs on a CPU in fp32 and nothing elsewhere (CUDA has other kernels).
+
+    int4 reproduces a 4-bit GGUF's own grid, so it is only the default for models converted
+    from one; a full-precision model would lose quality at 4 bits, and torch's int8 kernel
+    crashed on small shapes here, so other models stay as they are unless asked.
+    """
     mode = (requested if requested not in (None, "", "auto") else os.environ.get(SPEED_ENV) or "auto").lower()
     if mode == "auto":
-        return DEFAULT_QUANT_MODE if device == "cpu" and dtype == torch.float32 else "none"
+        if device != "cpu" or dtype != torch.float32:
+            return "none"
+        return DEFAULT_QUANT_MODE if from_gguf else "none"
     if mode not in QUANT_MODES:
         raise ValueError(f"quantize must be one of auto, {', '.join(QUANT_MODES)}; got {mode!r}")
     return mode
+
+
+def is_gguf_conversion(source: str | None) -> bool:
+    """True for a model directory that loader.convert_gguf wrote from a 4-bit GGUF file."""
+    if not source:
+        return False
+    marker = Path(source) / "llm_module_source.json"
+    try:
+        gguf = json.loads(marker.read_text(encoding="utf-8")).get("gguf", "")
+    except (OSError, ValueError):
+        return False
+    return bool(re.search(r"\bQ4_", Path(gguf).name, re.IGNORECASE))
 
 
 def set_thread_count(threads: int | None = None) -> int:
@@ -207,7 +228,7 @@ def prepare_for_inference(model: nn.Module, device: str, quantize: str | None = 
     model directory) lets later starts read the packed weights instead of packing again.
     """
     dtype = next(model.parameters()).dtype
-    mode = resolve_quant_mode(quantize, device, dtype)
+    mode = resolve_quant_mode(quantize, device, dtype, from_gguf=is_gguf_conversion(source))
     count = quantize_linears(model, mode, cache_file=packed_cache_file(source, mode))
     threads = set_thread_count()
     log.info("Prepared for inference: %s linears quantized to %s, %s threads", count, mode, threads)

@@ -19,6 +19,7 @@ from llm_module.speed import (
     COMPUTE_DTYPE,
     INT4_GROUP_SIZE,
     WeightOnlyLinear,
+    is_gguf_conversion,
     quantize_linears,
     resolve_quant_mode,
 )
@@ -109,6 +110,7 @@ def test_lora_still_applies_on_a_quantized_base(tiny_model_dir, tiny_adapter_dir
 def test_quant_mode_policy(monkeypatch):
     monkeypatch.delenv("LLM_MODULE_QUANTIZE", raising=False)
     assert resolve_quant_mode("auto", "cpu", torch.float32) == "int4"
+    assert resolve_quant_mode("auto", "cpu", torch.float32, from_gguf=False) == "none"  # full precision
     assert resolve_quant_mode("auto", "cpu", torch.bfloat16) == "none"
     assert resolve_quant_mode("auto", "cuda", torch.float32) == "none"
     monkeypatch.setenv("LLM_MODULE_QUANTIZE", "none")
@@ -116,6 +118,15 @@ def test_quant_mode_policy(monkeypatch):
     assert resolve_quant_mode("auto", "cpu", torch.float32) == "none"  # the engine passes "auto"
     with pytest.raises(ValueError):
         resolve_quant_mode("int3", "cpu", torch.float32)
+
+
+def test_only_a_4bit_gguf_conversion_gets_int4_by_default(tmp_path):
+    from llm_module.loader import convert_gguf, default_gguf_path
+
+    assert is_gguf_conversion(str(convert_gguf(default_gguf_path())))
+    (tmp_path / "llm_module_source.json").write_text('{"gguf": "/m/model.Q8_0.gguf"}')
+    assert not is_gguf_conversion(str(tmp_path))
+    assert not is_gguf_conversion(str(tmp_path / "plain-hf-dir"))
 
 
 def held_out_perplexity(model, tokenizer, text: str, window: int = 256) -> float:
@@ -156,14 +167,14 @@ def test_packed_weights_cache_gives_the_same_model(tiny_model_dir, tmp_path, mon
     logits = []
     for _ in range(2):  # packs and saves, then reads the saved tensors back
         model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
-        assert prepare_for_inference(model, "cpu", source=str(tiny_model_dir))["quantized_linears"] == 15
+        assert prepare_for_inference(model, "cpu", "int4", source=str(tiny_model_dir))["quantized_linears"] == 15
         assert cache_file.is_file()
         with torch.inference_mode():
             logits.append(model(ids).logits)
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
     cache_file.write_bytes(b"torn")  # a damaged cache is packed afresh, not fatal
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
-    prepare_for_inference(model, "cpu", source=str(tiny_model_dir))
+    prepare_for_inference(model, "cpu", "int4", source=str(tiny_model_dir))
     with torch.inference_mode():
         torch.testing.assert_close(model(ids).logits, logits[0], rtol=0, atol=0)
 
