@@ -89,6 +89,56 @@ CASES = [
          CONFINED),
     Case("adapter-unload-unknown", "unload_adapter", {"name": "ghost"}, "No adapter named 'ghost'"),
     Case("adapter-default-unknown", "set_default_adapter", {"name": "ghost"}, "No adapter named 'ghost'"),
+    # ---- train and evaluate: data files
+    Case("train-missing-file", "train", {"data_file": "nope.json", "output_dir": "o"}, "does not exist"),
+    Case("train-empty-file", "train", {"data_file": "empty.json", "output_dir": "o"}, "is not valid JSON"),
+    Case("train-malformed-json", "train", {"data_file": "malformed.json", "output_dir": "o"}, "is not valid JSON"),
+    Case("train-non-utf8", "train", {"data_file": "nonutf8.json", "output_dir": "o"}, "give a UTF-8 text file"),
+    Case("train-no-known-fields", "train", {"data_file": "no_fields.json", "output_dir": "o"},
+         "Cannot tell the data format"),
+    Case("train-wrong-types", "train", {"data_file": "wrong_types.json", "output_dir": "o"},
+         "'instruction' must be a string"),
+    Case("train-zero-records", "train", {"data_file": "empty_list.json", "output_dir": "o"}, "holds no records"),
+    Case("train-blank-records", "train", {"data_file": "blank_records.json", "output_dir": "o"},
+         "missing or empty 'instruction'"),
+    Case("train-unsupported-type", "train", {"data_file": "data.xml", "output_dir": "o"}, "unsupported type .xml"),
+    Case("train-unknown-format", "train", {"data_file": "good.json", "output_dir": "o", "data_format": "yaml"},
+         "data_format 'yaml' is not known"),
+    Case("train-cutoff-shorter-than-prompt", "train",
+         {"data_file": "long_prompt.json", "output_dir": "o", "training_params": {"CUTOFF_LEN": 16}},
+         "raise CUTOFF_LEN"),
+    # ---- train: parameters and folders
+    Case("train-zero-micro-batch", "train",
+         {"data_file": "good.json", "output_dir": "o", "training_params": {"MICRO_BATCH_SIZE": 0}},
+         "MICRO_BATCH_SIZE must be a positive number"),
+    Case("train-negative-batch", "train",
+         {"data_file": "good.json", "output_dir": "o", "training_params": {"BATCH_SIZE": -4}},
+         "BATCH_SIZE must be a positive number"),
+    Case("train-zero-epochs", "train", {"data_file": "good.json", "output_dir": "o", "training_params": {"EPOCHS": 0}},
+         "EPOCHS must be a positive number"),
+    Case("train-learning-rate-string", "train",
+         {"data_file": "good.json", "output_dir": "o", "training_params": {"LEARNING_RATE": "fast"}},
+         "LEARNING_RATE must be a positive number"),
+    Case("train-params-not-object", "train", {"data_file": "good.json", "output_dir": "o", "training_params": [1]},
+         "training_params must be an object"),
+    Case("train-unknown-param", "train", {"data_file": "good.json", "output_dir": "o", "training_params": {"EPOCH": 2}},
+         "Did you mean 'EPOCHS'"),
+    Case("train-unknown-option", "train", {"data_file": "good.json", "output_dir": "o", "val_set_sise": 2},
+         "Did you mean 'val_set_size'"),
+    Case("train-bad-resume", "train", {"data_file": "good.json", "output_dir": "o", "resume_from_checkpoint": 3},
+         "resume_from_checkpoint must be true, false or a checkpoint path"),
+    Case("train-into-foreign-folder", "train", {"data_file": "good.json", "output_dir": "occupied"},
+         "is not a previous llm.train run"),
+    Case("train-into-live-adapter", "train", {"data_file": "good.json", "output_dir": "adapters/tiny"},
+         "would overwrite it"),
+    Case("train-escape-data", "train", {"data_file": "../../etc/passwd", "output_dir": "o"}, "outside the data root",
+         CONFINED),
+    Case("train-escape-output", "train", {"data_file": "good.json", "output_dir": "/tmp/elsewhere"},
+         "outside the data root", CONFINED),
+    Case("evaluate-missing-file", "evaluate", {"data_file": "nope.json"}, "does not exist"),
+    Case("evaluate-unknown-adapter", "evaluate", {"data_file": "good.json", "adapter": "ghost"},
+         "No adapter named 'ghost'"),
+    Case("evaluate-malformed", "evaluate", {"data_file": "malformed.json"}, "is not valid JSON"),
     # ---- jobs
     Case("job-unknown-id", "job_status", {"job_id": "nope"}, "No job with id 'nope'"),
     Case("job-cancel-unknown", "cancel_job", {"job_id": "nope"}, "No job with id 'nope'"),
@@ -111,6 +161,19 @@ def build_data_root(root: Path, tiny_model_dir: Path, tiny_adapter_dir: Path) ->
     (root / "not_an_adapter").mkdir()
     (root / "not_an_adapter" / "notes.txt").write_text("hello")
     (root / "link_out").symlink_to("/etc", target_is_directory=True)
+    good = [{"instruction": f"Q{i}?", "input": "", "output": f"A{i}."} for i in range(4)]
+    files = {
+        "good.json": json.dumps(good), "empty.json": "", "malformed.json": '[{"instruction": ',
+        "no_fields.json": json.dumps([{"question": "x"}]), "empty_list.json": "[]",
+        "wrong_types.json": json.dumps([{"instruction": 5, "input": "", "output": ["a"]}]),
+        "blank_records.json": json.dumps([{"instruction": "", "input": "", "output": ""}]), "data.xml": "<a/>",
+        "long_prompt.json": json.dumps([{"instruction": "word " * 400, "input": "", "output": "ok"}]),
+    }
+    for name, text in files.items():
+        (root / name).write_text(text, encoding="utf-8")
+    (root / "nonutf8.json").write_bytes(b'[{"instruction": "caf\xe9", "output": "x"}]')
+    (root / "occupied").mkdir()
+    (root / "occupied" / "thesis.docx").write_text("a user's own file")
     return root
 
 
@@ -152,6 +215,8 @@ def test_catalogue_through_the_python_api(python_engine, data_root, monkeypatch)
         assert case.phrase in str(info.value), (case.id, str(info.value))
         assert 400 <= info.value.status < 500, (case.id, info.value.status)
     assert _reference(_python_call) == before
+    assert (data_root / "occupied" / "thesis.docx").read_text() == "a user's own file"  # nothing of theirs lost
+    assert sorted(p.name for p in (data_root / "occupied").iterdir()) == ["thesis.docx"]
     print(f"\nbad-input catalogue (python): {len(cases)} cases refused, model and adapter unchanged")
 
 
