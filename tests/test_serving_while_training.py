@@ -58,3 +58,41 @@ def test_generation_on_other_adapters_stays_correct_while_a_job_trains(engine, t
     with pytest.raises(Conflict, match="already ended"):
         engine.cancel_job(job["job_id"])  # cancelling a finished job is refused, clearly
     assert [a["name"] for a in engine.list_adapters()] == ["style"]
+
+
+def test_setup_while_generating_keeps_answering_and_refuses_a_second_setup(engine, tiny_model_dir):
+    expected = engine.generate("Hello", adapter="base", **GREEDY)
+    results, errors, stop = [], [], threading.Event()
+
+    def keep_generating() -> None:
+        while not stop.is_set():
+            try:
+                results.append(engine.generate("Hello", adapter="base", **GREEDY))
+            except Exception as exc:  # a failure here is what the test looks for
+                errors.append(exc)
+
+    worker = threading.Thread(target=keep_generating)
+    worker.start()
+    outcomes: list = []
+    setups = [threading.Thread(target=lambda: outcomes.append(_try_setup(engine, str(tiny_model_dir))))
+              for _ in range(2)]
+    try:
+        for t in setups:
+            t.start()
+        for t in setups:
+            t.join(120)
+    finally:
+        stop.set()
+        worker.join(60)
+    assert not errors and results, errors[:1]
+    assert all(r == expected for r in results)
+    assert engine.generate("Hello", **GREEDY) == expected
+    assert len(outcomes) == 2 and outcomes.count("ok") >= 1
+    assert all(o == "ok" or "Another setup is running" in o for o in outcomes)
+
+
+def _try_setup(engine: Engine, model: str) -> str:
+    try:
+        return "ok" if engine.setup(model)["ready"] else "not ready"
+    except Conflict as exc:
+        return str(exc)
