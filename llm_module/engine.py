@@ -481,13 +481,16 @@ class Engine:
                 )
                 return self._load_trained(result, name)
             fresh = load_model(**self._setup_args)  # a private copy: serving goes on untouched
-            result = train_adapter(
-                fresh.model, fresh.tokenizer, data_file=data_path, output_dir=out_path,
-                training_params=training_params, resume_from_checkpoint=resume_from_checkpoint,
-                progress=progress, cancel=cancel, base_model_name=self._loaded.name,
-                show_progress=show_progress, **kwargs,
-            )
-            del fresh
+            try:
+                result = train_adapter(
+                    fresh.model, fresh.tokenizer, data_file=data_path, output_dir=out_path,
+                    training_params=training_params, resume_from_checkpoint=resume_from_checkpoint,
+                    progress=progress, cancel=cancel, base_model_name=self._loaded.name,
+                    show_progress=show_progress, **kwargs,
+                )
+            finally:
+                del fresh
+                _release_memory()  # the copy, optimizer and activations: give them back to the OS
             return self._load_trained(result, name)
 
         if background:
@@ -558,6 +561,19 @@ class Engine:
         return select_informative(self._model, self._loaded.tokenizer, data_path, k, strategy=strategy,
                                   adapter=name, multi_adapter=bool(self._adapters), output_path=out_path,
                                   lock=self._model_lock, **kwargs)
+
+
+def _release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise),
+    so a long-running server's resident memory returns to its serving size after a training job."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _adapter_name_for(path: Path) -> str:
