@@ -73,6 +73,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama") / "model")
 
 
+@pytest.fixture()
+def engine(tiny_model_dir, tmp_path):
+    """A fresh Engine over the tiny model with its own state file (no adapters)."""
+    from llm_module.engine import Engine
+    from llm_module.state import StateFile
+
+    eng = Engine(state_file=StateFile(tmp_path / "state.json"))
+    eng.setup(str(tiny_model_dir))
+    yield eng
+    eng.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return build_tiny_adapter(tiny_model_dir, tmp_path_factory.mktemp("tiny-lora") / "adapter")

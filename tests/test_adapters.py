@@ -27,14 +27,6 @@ def _variant(adapter_dir, target, scale):
 
 
 @pytest.fixture()
-def engine(tiny_model_dir, tmp_path):
-    eng = Engine(state_file=StateFile(tmp_path / "state.json"))
-    eng.setup(str(tiny_model_dir))
-    yield eng
-    eng.close()
-
-
-@pytest.fixture()
 def two_adapters(tiny_adapter_dir, tmp_path):
     return tiny_adapter_dir, _variant(tiny_adapter_dir, tmp_path / "other", -1.7)
 

@@ -14,7 +14,6 @@ import pytest
 from llm_module.adapters import find_adapter_dir
 from llm_module.engine import Engine
 from llm_module.paths import atomic_dir, recover_dir
-from llm_module.state import StateFile
 
 WRITER = """
 import shutil, sys, time
@@ -37,14 +36,6 @@ def _loads(engine: Engine, path: Path, name: str) -> str:
     text = engine.generate("Hi", adapter=name, do_sample=False, max_new_tokens=5)[0]["generated_text"]
     engine.unload_adapter(name)
     return text
-
-
-@pytest.fixture()
-def engine(tiny_model_dir, tmp_path):
-    eng = Engine(state_file=StateFile(tmp_path / "state.json"))
-    eng.setup(str(tiny_model_dir))
-    yield eng
-    eng.close()
 
 
 def test_kill_during_write_leaves_the_previous_adapter(engine, tiny_adapter_dir, tmp_path):

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from llm_module.engine import Engine
 from llm_module.errors import Conflict, InvalidInput
 from llm_module.loader import load_model
 from llm_module.prompts import render_prompt
-from llm_module.state import StateFile
 from llm_module.training import check_output_dir, train_adapter
 from llm_module.training.data import Example, detect_format, load_examples, tokenize_examples
 from llm_module.training.params import SEED_DEFAULTS, plan_steps, resolve_params
@@ -229,14 +227,6 @@ def test_resume_continues_from_the_last_complete_checkpoint(tiny_model_dir, tmp_
 
 
 # -------------------------------------------------------- engine and jobs
-@pytest.fixture()
-def engine(tiny_model_dir, tmp_path):
-    engine = Engine(state_file=StateFile(tmp_path / "state.json"))
-    engine.setup(str(tiny_model_dir))
-    yield engine
-    engine.close()
-
-
 def test_evaluate_base_and_adapters_through_the_engine(engine, tmp_path):
     data = str(write_jsonl(tmp_path / "d.jsonl", ALPACA))
     base = engine.evaluate(data)
