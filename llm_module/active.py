@@ -93,8 +93,12 @@ def _score_batch(model, tokenizer, prompts: list[str], adapter, multi_adapter, m
 
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    extra = {"adapter_names": [adapter or BASE] * len(prompts)} if multi_adapter else {}
-    with torch.inference_mode():
+    adapters, extra = contextlib.nullcontext(), {}
+    if multi_adapter:
+        from .lora_batch import adapter_rows
+
+        adapters, extra = adapter_rows(model, [adapter or BASE] * len(prompts))
+    with torch.inference_mode(), adapters:
         out = model.generate(**enc, **extra, do_sample=False, max_new_tokens=max_new_tokens, output_logits=True,
                              return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
     logits = torch.stack(out.logits, dim=1).float()  # (batch, steps, vocab), before any logits processor
