@@ -7,6 +7,7 @@ a micro-batcher whose single worker owns the model while a batch runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ from .loader import DEFAULT_MODEL, LoadedModel, load_model
 from .paths import resolve_user_path
 from .prompts import render_prompt
 from .state import SavedState, StateFile
+from .threads import run_in_fresh_thread
 
 log = logging.getLogger(__name__)
 
@@ -151,22 +153,8 @@ class Engine:
         if not self._setup_lock.acquire(blocking=False):
             raise Conflict("Another setup is running; wait for it to finish, then call setup again.")
         try:
-            loaded = load_model(**args)  # outside the model lock: generation goes on meanwhile
-            from .speed import prepare_for_inference  # imports torch: only once a model is loaded
-
-            # Serving copy only (training loads its own float copy): see llm_module/speed.py, bench/README.md.
-            prepare_for_inference(loaded.model, loaded.device, source=loaded.source)
-            model, infos = loaded.model, {}
-            for name, path in adapter_paths.items():
-                try:
-                    adapter_dir = adp.find_adapter_dir(
-                        resolve_user_path(path, self.data_root, must_exist=False, what=f"adapter {name!r}"))
-                    model = adp.attach(model, adapter_dir, adp.check_name(name))
-                    infos[name] = adp.read_info(name, adapter_dir)
-                except Exception as exc:
-                    if name not in skip:
-                        raise
-                    log.warning("Skipping adapter %s from %s: %s", name, path, exc)
+            # Outside the model lock, so generation goes on meanwhile; in a thread of its own (threads.py).
+            loaded, model, infos = run_in_fresh_thread(self._load_model_and_adapters, args, adapter_paths, skip)
             with self._model_lock:
                 self._loaded, self._model, self._setup_args = loaded, model, args
                 self._adapters, self._default_adapter = infos, default if default in infos else None
@@ -174,6 +162,25 @@ class Engine:
             return self.describe(seconds=loaded.seconds)
         finally:
             self._setup_lock.release()
+
+    def _load_model_and_adapters(self, args: dict, adapter_paths: dict, skip: set[str]) -> tuple:
+        loaded = load_model(**args)
+        from .speed import prepare_for_inference  # imports torch: only once a model is loaded
+
+        # Serving copy only (training loads its own float copy): see llm_module/speed.py, bench/README.md.
+        prepare_for_inference(loaded.model, loaded.device, source=loaded.source)
+        model, infos = loaded.model, {}
+        for name, path in adapter_paths.items():
+            try:
+                adapter_dir = adp.find_adapter_dir(
+                    resolve_user_path(path, self.data_root, must_exist=False, what=f"adapter {name!r}"))
+                model = adp.attach(model, adapter_dir, adp.check_name(name))
+                infos[name] = adp.read_info(name, adapter_dir)
+            except Exception as exc:
+                if name not in skip:
+                    raise
+                log.warning("Skipping adapter %s from %s: %s", name, path, exc)
+        return loaded, model, infos
 
     def ensure_ready(self) -> None:
         """Load the default model (or the last setup) when nothing is loaded yet."""
@@ -225,6 +232,12 @@ class Engine:
         name = adp.check_name(name or _adapter_name_for(resolved))
         info = adp.read_info(name, adapter_dir)
         start = time.perf_counter()
+        run_in_fresh_thread(self._attach, info, adapter_dir, replace, make_default)
+        self._save_state()
+        return {**info.to_dict(), "seconds": round(time.perf_counter() - start, 4)}
+
+    def _attach(self, info: adp.AdapterInfo, adapter_dir: Path, replace: bool, make_default: bool) -> None:
+        name = info.name
         with self._model_lock:
             if name in self._adapters and not replace:
                 raise Conflict(f"An adapter named {name!r} is already loaded; unload it first or pick another name.")
@@ -240,19 +253,21 @@ class Engine:
             self._adapters[name] = info
             if make_default:
                 self._default_adapter = name
-        self._save_state()
-        return {**info.to_dict(), "seconds": round(time.perf_counter() - start, 4)}
 
     def unload_adapter(self, name: str) -> dict:
         self.ensure_ready()
+        info = run_in_fresh_thread(self._detach, name)
+        self._save_state()
+        return {"unloaded": name, "path": info.path, "adapters": sorted(self._adapters)}
+
+    def _detach(self, name: str) -> adp.AdapterInfo:
         with self._model_lock:
             self._require_adapter(name)
             self._model = adp.detach(self._model, name)
             info = self._adapters.pop(name)
             if self._default_adapter == name:
                 self._default_adapter = None
-        self._save_state()
-        return {"unloaded": name, "path": info.path, "adapters": sorted(self._adapters)}
+        return info
 
     def list_adapters(self) -> list[dict]:
         return [
@@ -380,17 +395,23 @@ class Engine:
         prompt_len = enc["input_ids"].shape[1]
         options = dict(template.options, num_return_sequences=1)
         self._fit_context(options, int(enc["attention_mask"].sum(dim=1).max()))
-        extra: dict[str, Any] = {}
-        if self._adapters:
-            extra["adapter_names"] = [r.adapter or adp.BASE for r, _, _ in rows]
+        adapters, extra = self._adapter_rows([r.adapter for r, _, _ in rows])
         if template.stop:
             extra.update(stop_strings=template.stop, tokenizer=tokenizer)
         if template.seed is not None:
             torch.manual_seed(template.seed)
-        with torch.inference_mode():
+        with torch.inference_mode(), adapters:
             out = model.generate(**enc, **options, **extra, pad_token_id=tokenizer.pad_token_id)
         texts_out = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
         return [cut_at_stop(t, template.stop) for t in texts_out]
+
+    def _adapter_rows(self, row_adapters: list[str | None]) -> tuple[Any, dict]:
+        """(context, generate kwargs) that give each row its adapter; call with the model lock held."""
+        if not self._adapters:
+            return contextlib.nullcontext(), {}
+        from .lora_batch import adapter_rows  # imports torch: only once adapters exist
+
+        return adapter_rows(self._model, [name or adp.BASE for name in row_adapters])
 
     def _fit_context(self, options: dict, longest_prompt: int) -> None:
         context = self._context_length()
@@ -421,11 +442,12 @@ class Engine:
                     enc = {k: v.to(self._loaded.device) for k, v in enc.items()}
                     options = dict(request.options)
                     self._fit_context(options, enc["input_ids"].shape[1])
-                    extra = {"adapter_names": [request.adapter or adp.BASE]} if self._adapters else {}
+                    adapters, extra = self._adapter_rows([request.adapter])
                     if request.seed is not None:
                         torch.manual_seed(request.seed)
-                    self._model.generate(**enc, **options, **extra, streamer=streamer,
-                                         pad_token_id=tokenizer.pad_token_id)
+                    with adapters:
+                        self._model.generate(**enc, **options, **extra, streamer=streamer,
+                                             pad_token_id=tokenizer.pad_token_id)
             except BaseException as exc:
                 failure.append(exc)
                 streamer.end()
@@ -496,7 +518,7 @@ class Engine:
         if background:
             job = self.jobs.start("train", params, work)
             return {"job_id": job.id, "state": job.state, **params}
-        return work(lambda progress: None, threading.Event())
+        return run_in_fresh_thread(work, lambda progress: None, threading.Event(), thread_name="llm-train")
 
     def _load_trained(self, result: dict, name: str) -> dict:
         """Make a finished run's adapter live (a node other than 0 of a multi-node run wrote none)."""
@@ -510,10 +532,12 @@ class Engine:
         self.ensure_ready()
         data_path = resolve_user_path(data_file, self.data_root, must_exist=True, what="data_file")
         name = self.adapter_for(adapter) if adapter not in (None, "") else None
-        with self._model_lock:
-            result = evaluate_model(self._model, self._loaded.tokenizer, data_file=data_path,
-                                    adapter=name if self._adapters else None, **kwargs)
-        return {"adapter": name, **result}
+        def run() -> dict:
+            with self._model_lock:
+                return evaluate_model(self._model, self._loaded.tokenizer, data_file=data_path,
+                                      adapter=name if self._adapters else None, **kwargs)
+
+        return {"adapter": name, **run_in_fresh_thread(run)}
 
     def job_status(self, job_id: str) -> dict:
         return self.jobs.get(job_id).to_dict()
@@ -558,9 +582,9 @@ class Engine:
         out_path = (resolve_user_path(output_file, self.data_root, must_exist=False, what="output_file")
                     if output_file else None)
         name = self.adapter_for(adapter)
-        return select_informative(self._model, self._loaded.tokenizer, data_path, k, strategy=strategy,
-                                  adapter=name, multi_adapter=bool(self._adapters), output_path=out_path,
-                                  lock=self._model_lock, **kwargs)
+        return run_in_fresh_thread(select_informative, self._model, self._loaded.tokenizer, data_path, k,
+                                   strategy=strategy, adapter=name, multi_adapter=bool(self._adapters),
+                                   output_path=out_path, lock=self._model_lock, **kwargs)
 
 
 def _release_memory() -> None:
