@@ -16,6 +16,7 @@ Each prints one ``RESULT {json}`` line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -41,6 +42,8 @@ from common import (  # noqa: E402
     machine,
     time_calls,
 )
+
+from llm_module.threads import run_in_fresh_thread  # noqa: E402
 
 WORKDIR = Path(tempfile.mkdtemp(prefix="llm-bench-"))
 
@@ -74,7 +77,10 @@ def single(args) -> dict:
     from llm_module.engine import set_default_engine
     from llm_module.loader import load_model
 
-    raw = load_model()
+    # Baselines run in short-lived threads, never this long-lived one: a second long-lived torch thread
+    # beside the engine's worker makes libgomp stop spin-waiting and halves everyone's speed
+    # (llm_module/threads.py); in a process of its own each baseline would run as fast as it does here.
+    raw = run_in_fresh_thread(load_model)
     tokenizer, model = raw.tokenizer, raw.model
     prompt = chat_prompt(tokenizer, STORY_REQUEST)
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
@@ -82,21 +88,24 @@ def single(args) -> dict:
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
     served = make_engine()
     set_default_engine(served)
-    unquantized = make_engine(quantize="none")
+    unquantized = make_engine(quantize="none", batching=False)
 
     def raw_generate(new_tokens=args.new_tokens):
         with torch.inference_mode():
             model.generate(**enc, **greedy(new_tokens), pad_token_id=tokenizer.pad_token_id)
 
+    def fresh(call):
+        return lambda: run_in_fresh_thread(call)
+
     runs = {
-        "raw model.generate fp32": raw_generate,
-        "transformers pipeline fp32": lambda: pipe(prompt, **options, return_full_text=False),
+        "raw model.generate fp32": fresh(raw_generate),
+        "transformers pipeline fp32": fresh(lambda: pipe(prompt, **options, return_full_text=False)),
         "llm.generate": lambda: llm.generate(prompt, **options),
-        "llm.generate, quantization off": lambda: unquantized.generate(prompt, **options),
+        "llm.generate, quantization off": fresh(lambda: unquantized.generate(prompt, **options)),
     }
     rates = interleaved(runs, args.repeat, tokens=args.new_tokens)
     first_token = {
-        "raw model.generate fp32": time_calls(lambda: raw_generate(1), args.repeat * 3),
+        "raw model.generate fp32": time_calls(fresh(lambda: raw_generate(1)), args.repeat * 3),
         "llm.generate, max_new_tokens=1": time_calls(lambda: llm.generate(prompt, **greedy(1)), args.repeat * 3),
         "llm.generate stream, first text piece (word boundary)": Stats(
             [first_piece_seconds(served, prompt) for _ in range(args.repeat * 3)]),
@@ -221,6 +230,20 @@ def aggregate_rate(engine, callers: int, calls: int, new_tokens: int, adapters: 
     return callers * calls * new_tokens / (time.perf_counter() - start)
 
 
+@contextlib.contextmanager
+def peft_mixed_path(enabled: bool):
+    """The baseline for mixed adapters: peft's own ``adapter_names=`` loop instead of llm_module's stacking."""
+    from llm_module import lora_batch
+
+    stackable = lora_batch.can_stack
+    if enabled:
+        lora_batch.can_stack = lambda model, adapters: False
+    try:
+        yield
+    finally:
+        lora_batch.can_stack = stackable
+
+
 def concurrency(args) -> dict:
     adapter_paths = make_adapters(args.adapters)
     names = [f"a{i}" for i in range(len(adapter_paths))]
@@ -231,13 +254,15 @@ def concurrency(args) -> dict:
         for name, path in zip(names, adapter_paths, strict=True):
             engine.load_adapter(str(path), name)
         aggregate_rate(engine, 2, 1, 4, names)  # warm-up, adapters included
-        for mix in ("base", "adapters"):
+        mixes = ("base", "adapters", "adapters via peft") if batching else ("base", "adapters")
+        for mix in mixes:
             key = f"{mix}, batcher {'on' if batching else 'off'}"
             table[key] = {str(n): [] for n in levels}
-            for _ in range(args.repeat):
-                for n in levels:
-                    table[key][str(n)].append(aggregate_rate(engine, n, args.calls, args.new_tokens,
-                                                             names if mix == "adapters" else None))
+            with peft_mixed_path(mix == "adapters via peft"):
+                for _ in range(args.repeat):
+                    for n in levels:
+                        table[key][str(n)].append(aggregate_rate(engine, n, args.calls, args.new_tokens,
+                                                                 None if mix == "base" else names))
             log(f"{key}: {table[key]}")
         engine.close()
     return {"concurrency": {k: {n: Stats(v).to_dict() for n, v in row.items()} for k, row in table.items()},

@@ -29,18 +29,15 @@ def main() -> None:
                 verbose=False, use_extra_bufts=False)
     prompt = open(args.prompt_file, encoding="utf-8").read()
     tokens = llm.tokenize(prompt.encode(), add_bos=False, special=True)
-    eos = llm.token_eos()
     rates, first_token_s = [], []
     for _ in range(args.repeat + 1):  # the first run warms up
         llm.reset()
         start = time.perf_counter()
         generated, first = 0, None
-        for token in llm.generate(tokens, temp=0.0, top_k=1, reset=True):
+        for _token in llm.generate(tokens, temp=0.0, top_k=1, reset=True):
             if first is None:
                 first = time.perf_counter() - start
-            if token == eos:
-                break
-            generated += 1
+            generated += 1  # past EOS too: every engine decodes exactly --new-tokens, like min_new_tokens
             if generated >= args.new_tokens:
                 break
         rates.append(generated / (time.perf_counter() - start))

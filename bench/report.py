@@ -120,6 +120,10 @@ def render_concurrency(r: dict) -> list[str]:
         cells = [f"{fmt(row[n])} = {row[n]['median'] / one:.2f}×" for n in levels]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     top = levels[-1]
+    stacked, peft = table.get("adapters, batcher on"), table.get("adapters via peft, batcher on")
+    if stacked and peft:
+        lines.append("\n- mixed adapters, stacked LoRA vs peft's `adapter_names` loop: "
+                     + ", ".join(f"{n} caller(s) **{stacked[n]['median'] / peft[n]['median']:.2f}×**" for n in levels))
     for mode, key in (("base, batcher on", "concurrent_8x"), ("adapters, batcher on", "adapters_8x")):
         if mode in table:
             value = table[mode][top]["median"] / table[mode][levels[0]]["median"]
