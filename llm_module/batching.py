@@ -3,7 +3,9 @@
 Callers submit requests and wait on a future; one worker thread owns the model.
 Whatever queued up while the previous batch ran (plus an optional short window)
 is grouped by compatible options and run as one forward pass, adapters mixed.
-An idle worker starts at once, so a lone caller pays no window.
+An idle worker starts at once, so a lone caller pays no window. Other model work that must
+run on the same thread (a stream) is submitted with ``submit_call`` and runs alone, between
+batches: llm_module/threads.py says why one thread does all forward passes.
 """
 
 from __future__ import annotations
@@ -14,6 +16,15 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
+
+
+class _Call:
+    """A callable queued to run alone on the worker thread."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
 
 
 class MicroBatcher:
@@ -46,14 +57,18 @@ class MicroBatcher:
         self._queue.put((item, future))
         return future
 
+    def submit_call(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn()`` on the worker thread, alone, after the batches already queued."""
+        return self.submit(_Call(fn))
+
     def stop(self) -> None:
         self._stopped.set()
         self._queue.put(None)
         self._thread.join(timeout=5)
 
-    def _collect(self, first) -> list:
-        """First item plus whatever is queued now, or arrives within the window."""
-        pending = [first]
+    def _collect(self, first) -> tuple[list, list]:
+        """First item plus whatever is queued now, or arrives within the window; calls apart."""
+        pending, calls = [first], []
         deadline = time.monotonic() + self.window_s
         while sum(self._size(item) for item, _ in pending) < self.max_batch:
             timeout = deadline - time.monotonic()
@@ -64,19 +79,37 @@ class MicroBatcher:
             if entry is None:
                 self._stopped.set()
                 break
+            if isinstance(entry[0], _Call):
+                calls.append(entry)
+                break  # run what came before it first, then the call
             pending.append(entry)
-        return pending
+        return pending, calls
 
     def _loop(self) -> None:
         while not self._stopped.is_set():
             first = self._queue.get()
             if first is None:
                 break
+            if isinstance(first[0], _Call):
+                self._run_call(*first)
+                continue
+            pending, calls = self._collect(first)
             groups: dict[Any, list] = {}
-            for entry in self._collect(first):
+            for entry in pending:
                 groups.setdefault(self._key(entry[0]), []).append(entry)
             for entries in groups.values():
                 self._run_group(entries)
+            for call in calls:
+                self._run_call(*call)
+
+    @staticmethod
+    def _run_call(call: _Call, future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(call.fn())
+        except BaseException as exc:
+            future.set_exception(exc)
 
     def _run_group(self, entries: list) -> None:
         live = [(item, fut) for item, fut in entries if fut.set_running_or_notify_cancel()]

@@ -22,6 +22,7 @@ from .generation import (
     GenerationRequest,
     Limits,
     cut_at_stop,
+    stop_when,
     validate_messages,
     validate_options,
     validate_stop,
@@ -432,6 +433,7 @@ class Engine:
         tokenizer = self._loaded.tokenizer
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
+        reader_left = threading.Event()  # the consumer stopped reading: generation ends at the next token
 
         def work() -> None:
             import torch
@@ -447,20 +449,27 @@ class Engine:
                         torch.manual_seed(request.seed)
                     with adapters:
                         self._model.generate(**enc, **options, **extra, streamer=streamer,
+                                             stopping_criteria=stop_when(reader_left),
                                              pad_token_id=tokenizer.pad_token_id)
             except BaseException as exc:
                 failure.append(exc)
                 streamer.end()
 
-        threading.Thread(target=work, name="llm-stream", daemon=True).start()
+        if self._batcher is None:
+            threading.Thread(target=work, name="llm-stream", daemon=True).start()
+        else:  # on the thread that runs every forward pass (threads.py), between batches
+            self._batcher.submit_call(work)
         emitted = ""
-        for piece in streamer:
-            emitted += piece
-            cut = cut_at_stop(emitted, request.stop) if request.stop else emitted
-            if len(cut) < len(emitted):
-                yield cut[len(emitted) - len(piece):]
-                break
-            yield piece
+        try:
+            for piece in streamer:
+                emitted += piece
+                cut = cut_at_stop(emitted, request.stop) if request.stop else emitted
+                if len(cut) < len(emitted):
+                    yield cut[len(emitted) - len(piece):]
+                    break
+                yield piece
+        finally:  # also when the reader closes the generator (a client that disconnected)
+            reader_left.set()
         if failure:
             raise failure[0]
 

@@ -6,6 +6,7 @@ Defaults follow the transformers text-generation pipeline that the seed module
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,3 +166,15 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
         if idx != -1:
             cut = min(cut, idx)
     return text[:cut]
+
+
+def stop_when(event: threading.Event):
+    """Stopping criteria that end generation once ``event`` is set (a stream's reader went away)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _StopWhenSet(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_StopWhenSet()])

@@ -50,3 +50,20 @@ def test_fresh_thread_returns_results_and_raises_errors():
         "llm-model-work", 3)
     with pytest.raises(KeyError, match="gone"):
         run_in_fresh_thread(lambda: {}["gone"])
+
+
+def test_streams_run_on_the_batcher_thread_and_stop_when_the_reader_leaves(engine, forward_threads):
+    pieces = engine.stream("Once upon a time", max_new_tokens=200, min_new_tokens=200, do_sample=False)
+    next(pieces)
+    pieces.close()  # a client that disconnected after the first piece
+    engine._batcher.submit_call(lambda: None).result(timeout=60)  # queued behind the stream's work
+    assert {t.name for t in forward_threads} == {"llm-batcher"}
+    assert len(forward_threads) < 100, f"{len(forward_threads)} forward passes: the stream ran on without a reader"
+
+
+def test_calls_run_on_the_worker_after_the_queued_batches_and_raise_their_errors(engine):
+    worker = engine._batcher.submit_call(lambda: threading.current_thread().name).result(timeout=60)
+    assert worker == "llm-batcher"
+    with pytest.raises(ZeroDivisionError):
+        engine._batcher.submit_call(lambda: 1 / 0).result(timeout=60)
+    assert engine.generate("Hi", max_new_tokens=2, do_sample=False)  # the worker lives on
