@@ -5,7 +5,10 @@ Whatever queued up while the previous batch ran (plus an optional short window)
 is grouped by compatible options and run as one forward pass, adapters mixed.
 An idle worker starts at once, so a lone caller pays no window. Other model work that must
 run on the same thread (a stream) is submitted with ``submit_call`` and runs alone, between
-batches: llm_module/threads.py says why one thread does all forward passes.
+batches: llm_module/threads.py says why one thread does all forward passes. For the same
+reason the worker ends after ``idle_exit_s`` without work (its OpenMP team goes with it, so a
+training run or an evaluation in another thread gets the cores' full speed) and the next
+request starts a new one.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ class _Call:
         self.fn = fn
 
 
+_IDLE = object()  # the worker's signal to itself that it may end
+
+
 class MicroBatcher:
     def __init__(
         self,
@@ -37,16 +43,20 @@ class MicroBatcher:
         window_s: float = 0.0,
         max_batch: int = 16,
         name: str = "llm-batcher",
+        idle_exit_s: float = 1.0,
     ) -> None:
         self._run_batch = run_batch
         self._key = key
         self._size = size
         self.window_s = window_s
         self.max_batch = max_batch
+        self.idle_exit_s = idle_exit_s
+        self._name = name
         self._queue: queue.Queue = queue.Queue()
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()  # orders "start a worker" against "the worker ends"
+        self._thread: threading.Thread | None = None
+        self.workers_started = 0
         self.batches_run = 0
         self.largest_batch = 0
 
@@ -54,7 +64,12 @@ class MicroBatcher:
         if self._stopped.is_set():
             raise RuntimeError("the batcher is stopped")
         future: Future = Future()
-        self._queue.put((item, future))
+        with self._lock:
+            self._queue.put((item, future))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                self._thread.start()
+                self.workers_started += 1
         return future
 
     def submit_call(self, fn: Callable[[], Any]) -> Future:
@@ -63,8 +78,22 @@ class MicroBatcher:
 
     def stop(self) -> None:
         self._stopped.set()
+        with self._lock:
+            thread = self._thread
         self._queue.put(None)
-        self._thread.join(timeout=5)
+        if thread is not None:
+            thread.join(timeout=5)
+
+    def _next(self):
+        """The next queue entry, or _IDLE once the queue stayed empty for ``idle_exit_s``."""
+        try:
+            return self._queue.get(timeout=self.idle_exit_s)
+        except queue.Empty:
+            with self._lock:  # submit cannot queue between this check and the worker's end
+                if self._queue.empty():
+                    self._thread = None
+                    return _IDLE
+            return self._queue.get_nowait()
 
     def _collect(self, first) -> tuple[list, list]:
         """First item plus whatever is queued now, or arrives within the window; calls apart."""
@@ -87,7 +116,9 @@ class MicroBatcher:
 
     def _loop(self) -> None:
         while not self._stopped.is_set():
-            first = self._queue.get()
+            first = self._next()
+            if first is _IDLE:
+                return
             if first is None:
                 break
             if isinstance(first[0], _Call):

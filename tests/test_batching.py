@@ -1,0 +1,56 @@
+"""The micro-batcher: batches what queued up, runs calls alone, and lets its worker end when idle."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from llm_module.batching import MicroBatcher
+
+
+def _batcher(**kwargs) -> tuple[MicroBatcher, list]:
+    seen: list = []
+
+    def run_batch(items):
+        seen.append((list(items), threading.current_thread()))
+        time.sleep(0.05)  # long enough for later submissions to queue up behind this batch
+        return [item * 10 for item in items]
+
+    return MicroBatcher(run_batch, key=lambda item: item % 2, **kwargs), seen
+
+
+def test_queued_items_of_one_key_share_a_batch():
+    batcher, seen = _batcher()
+    futures = [batcher.submit(i) for i in (2, 4, 6, 1)]
+    assert [f.result(timeout=10) for f in futures] == [20, 40, 60, 10]
+    assert [2] in [items for items, _ in seen]  # the first ran alone, at once
+    assert [4, 6] in [items for items, _ in seen]  # the even ones that queued meanwhile ran together
+    batcher.stop()
+
+
+def test_the_worker_ends_when_idle_and_the_next_request_starts_another():
+    batcher, seen = _batcher(idle_exit_s=0.1)
+    assert batcher.submit(2).result(timeout=10) == 20
+    first_worker = seen[-1][1]
+    first_worker.join(timeout=5)
+    assert not first_worker.is_alive()  # its OpenMP team, if any, went with it
+    assert batcher.submit(4).result(timeout=10) == 40
+    assert seen[-1][1] is not first_worker and batcher.workers_started == 2
+    batcher.stop()
+
+
+def test_a_call_runs_on_the_worker_after_what_was_queued():
+    batcher, seen = _batcher()
+    first = batcher.submit(2)
+    second = batcher.submit(4)
+    call = batcher.submit_call(lambda: (threading.current_thread(), [items for items, _ in seen]))
+    thread, batches_before = call.result(timeout=10)
+    assert thread is seen[0][1] and [4] in batches_before
+    assert (first.result(), second.result()) == (20, 40)
+    with pytest.raises(ZeroDivisionError):
+        batcher.submit_call(lambda: 1 / 0).result(timeout=10)
+    batcher.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        batcher.submit(1)
