@@ -72,77 +72,6 @@ class WeightOnlyLinear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
 
 
-# Projections of one block that read the same input (Llama, Mistral, Qwen and kin name them so).
-FUSABLE_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-class _FusedProjections(nn.Module):
-    """Several packed projections of one input as one packed matrix: one kernel call instead of three.
-
-    The first projection called with an input runs the fused matmul and keeps the outputs; the
-    others, called next with the same tensor, take their slice (views, no copy).
-    """
-
-    def __init__(self, parts: list[WeightOnlyLinear]) -> None:
-        super().__init__()
-        first = parts[0]
-        weight = torch.cat([p.weight.data for p in parts], dim=0)
-        scales = torch.cat([p.scales for p in parts], dim=0 if first.mode == "int8" else 1)
-        stand_in = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=False, device="meta")
-        self.fused = WeightOnlyLinear(stand_in, first.mode, first.group_size, packed=(weight, scales))
-        self.sizes = [p.out_features for p in parts]
-        self._input: torch.Tensor | None = None  # held, so no other tensor can take its identity
-        self._outputs: tuple[torch.Tensor, ...] = ()
-
-    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        if x is not self._input:
-            self._input = x
-            self._outputs = self.fused(x).split(self.sizes, dim=-1)
-        return self._outputs[index]
-
-
-class FusedSlice(nn.Linear):
-    """One projection of a fused group; still an ``nn.Linear`` so peft can wrap it with LoRA."""
-
-    def __init__(self, group: _FusedProjections, index: int, part: WeightOnlyLinear) -> None:
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = part.in_features, part.out_features
-        self.index = index
-        object.__setattr__(self, "_group", group)  # not a submodule: the block owns the group
-        # A non-float stand-in weight: peft reads its device and keeps LoRA weights in fp32.
-        self.weight = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
-        self.bias = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._group.output(x, self.index)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fused part {self.index}"
-
-
-def fuse_projections(model: nn.Module) -> int:
-    """Fuse each block's packed q/k/v and gate/up projections; return how many groups were fused.
-
-    Each packed projection is a kernel call with a fixed cost; at batch 1 those costs are a good
-    share of a decode step (bench/README.md). Rows of a packed matrix are independent, so the
-    fused result is exactly the separate ones.
-    """
-    fused = 0
-    for module in list(model.modules()):
-        for names in FUSABLE_GROUPS:
-            parts = [getattr(module, n, None) for n in names]
-            if not all(type(p) is WeightOnlyLinear and p.bias is None for p in parts):
-                continue
-            if len({(p.mode, p.in_features, p.group_size) for p in parts}) != 1:
-                continue
-            group = _FusedProjections(parts)
-            module.add_module("fused_" + "_".join(n.split("_")[0] for n in names), group)
-            for index, (name, part) in enumerate(zip(names, parts, strict=True)):
-                setattr(module, name, FusedSlice(group, index, part))
-            fused += 1
-    return fused
-
-
 def _quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per output row: ``w ≈ q * scale``."""
     scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
@@ -301,12 +230,9 @@ def prepare_for_inference(model: nn.Module, device: str, quantize: str | None = 
     dtype = next(model.parameters()).dtype
     mode = resolve_quant_mode(quantize, device, dtype, from_gguf=is_gguf_conversion(source))
     count = quantize_linears(model, mode, cache_file=packed_cache_file(source, mode))
-    groups = fuse_projections(model) if count else 0
     threads = set_thread_count()
-    log.info("Prepared for inference: %s linears quantized to %s (%s groups fused), %s threads",
-             count, mode, groups, threads)
-    return {"quantize": mode if count else "none", "quantized_linears": count, "fused_groups": groups,
-            "threads": threads}
+    log.info("Prepared for inference: %s linears quantized to %s, %s threads", count, mode, threads)
+    return {"quantize": mode if count else "none", "quantized_linears": count, "threads": threads}
 
 
 def parameter_count(model: nn.Module) -> int:

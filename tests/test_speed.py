@@ -19,9 +19,7 @@ from llm_module.speed import (
     COMPUTE_DTYPE,
     INT4_GROUP_SIZE,
     WeightOnlyLinear,
-    fuse_projections,
     is_gguf_conversion,
-    parameter_count,
     quantize_linears,
     resolve_quant_mode,
 )
@@ -88,33 +86,6 @@ def test_quantize_linears_replaces_every_linear_and_unties_the_head(tiny_model_d
         got, want = model(ids).logits, reference(ids).logits
     assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.98
     assert quantize_linears(reference, "none") == 0
-
-
-def test_fused_projections_give_the_separate_outputs_with_and_without_lora(tiny_model_dir, tiny_adapter_dir):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from llm_module.lora_batch import BASE, stacked_adapters
-
-    separate = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
-    quantize_linears(separate, "int4")
-    fused = copy.deepcopy(separate)
-    assert fuse_projections(fused) == 2 * 2  # q/k/v and gate/up in each of the 2 layers
-    assert fuse_projections(fused) == 0  # already fused: nothing left to do
-    assert parameter_count(fused) == parameter_count(separate)
-    ids = torch.tensor([[1, 42, 7, 99, 3], [1, 8, 9, 10, 11]])
-    with torch.inference_mode():
-        plain = separate(ids).logits
-        torch.testing.assert_close(fused(ids).logits, plain, rtol=1e-5, atol=1e-5)
-        tuned = [PeftModel.from_pretrained(m, str(tiny_adapter_dir), adapter_name="a").eval()
-                 for m in (separate, fused)]
-        with stacked_adapters(tuned[0], ["a", BASE]):
-            want = tuned[0](ids).logits
-        with stacked_adapters(tuned[1], ["a", BASE]):
-            got = tuned[1](ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert (want[0] - plain[0]).abs().max() > 1e-3  # the adapter did change row 0
-    torch.testing.assert_close(want[1], plain[1], rtol=1e-5, atol=1e-5)
 
 
 def test_lora_still_applies_on_a_quantized_base(tiny_model_dir, tiny_adapter_dir):
