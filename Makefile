@@ -36,8 +36,9 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 
-bench: install
-	$(BIN)/python bench/run_all.py
+bench: install  # builds llama-cpp-python into bench/.env once (~10 min), then runs every section
+	bash bench/setup_llama_cpp.sh
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache artifacts

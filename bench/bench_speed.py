@@ -245,7 +245,7 @@ def peft_mixed_path(enabled: bool):
 
 
 def concurrency(args) -> dict:
-    adapter_paths = make_adapters(args.adapters)
+    adapter_paths = run_in_fresh_thread(make_adapters, args.adapters)  # not in this long-lived thread
     names = [f"a{i}" for i in range(len(adapter_paths))]
     levels = [int(c) for c in args.callers.split(",")]
     table: dict[str, dict[str, list[float]]] = {}
@@ -276,7 +276,7 @@ def setup(args) -> dict:
 
     engine = Engine(state_file=StateFile(WORKDIR / "setup-state.json"))
     warm = time_calls(engine.setup, args.repeat, warmup=1)
-    adapter = make_adapters(1)[0]
+    adapter = run_in_fresh_thread(make_adapters, 1)[0]
     load, unload = [], []
     for _ in range(args.repeat * 3):
         start = time.perf_counter()

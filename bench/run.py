@@ -6,7 +6,8 @@
 
 Every section runs in its own process (clean memory figures, no warm caches shared between
 sections); the raw figures go to bench/results.json. llama.cpp is measured when
-bench/setup_llama_cpp.sh has built it into bench/.env (it is never built here: ~20 min).
+bench/setup_llama_cpp.sh has built it into bench/.env; `make bench` builds it first
+(~10 min, once) and then runs this.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def section_args(section: str, args) -> list[str]:
         "memory": ["--adapters", "8"],
         "http": ["--clients", "1,4,8", "--requests-per-client", str(args.calls),
                  "--new-tokens", str(args.concurrent_tokens), "--overhead-repeat", str(args.overhead_calls // 4)],
-        "training": ["--records", str(args.train_records), "--epochs", "1"],
+        "training": ["--records", str(args.train_records), "--epochs", str(args.train_epochs)],
     }
     return sizes[section]
 
@@ -80,12 +81,13 @@ def main() -> None:
     parser.add_argument("--overhead-calls", type=int, default=200)
     parser.add_argument("--window-ms", type=float, default=0.0)
     parser.add_argument("--train-records", type=int, default=40)
+    parser.add_argument("--train-epochs", type=int, default=2)
     parser.add_argument("--skip-cold", action="store_true", help="skip the cold setup (GGUF conversion)")
     parser.add_argument("--output", default=str(BENCH_DIR / "README.md"))
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.concurrent_tokens, args.repeat = 32, 16, 2
-        args.calls, args.overhead_calls, args.train_records = 1, 40, 8
+        args.calls, args.overhead_calls, args.train_records, args.train_epochs = 1, 40, 8, 1
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - set(ALL_SECTIONS)
     if unknown:
