@@ -541,6 +541,7 @@ class Engine:
         self.ensure_ready()
         data_path = resolve_user_path(data_file, self.data_root, must_exist=True, what="data_file")
         name = self.adapter_for(adapter) if adapter not in (None, "") else None
+
         def run() -> dict:
             with self._model_lock:
                 return evaluate_model(self._model, self._loaded.tokenizer, data_file=data_path,
