@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+from .adapters import BASE  # peft's name for "no adapter" in a mixed batch
 
 
 def _lora_layers(model: nn.Module) -> list[nn.Module]:

@@ -6,10 +6,11 @@ than cores, libgomp stops spin-waiting between parallel regions. A decode step i
 tiny parallel regions, so that halved single-stream speed on 2 cores (bench/README.md: 36-40
 tokens/s alone, 18-20 once a second long-lived thread had run one op).
 
-So one long-lived thread runs forward passes: the micro-batcher's worker. Any other model work
-(setup, adapter loading, evaluation, scoring, streams) runs in a short-lived thread of its own,
-whose OpenMP team goes away when it ends, never in the caller's thread, which may be jsctl's
-main thread or a server worker that lives forever.
+So one long-lived thread runs forward passes: the micro-batcher's worker, which also runs
+streams between batches and ends when idle. Any other model work (setup, adapter loading,
+evaluation, scoring, foreground training) runs in a short-lived thread of its own, whose OpenMP
+team goes away when it ends, never in the caller's thread, which may be jsctl's main thread or
+a server worker that lives forever.
 """
 
 from __future__ import annotations
