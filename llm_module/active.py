@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .adapters import BASE
 from .errors import InvalidInput, suggest
 from .paths import atomic_write_text
 from .prompts import alpaca_prompt, render_prompt, resolve_template, user_content
@@ -24,7 +25,6 @@ from .training.data import read_records
 STRATEGIES = ("entropy", "perplexity")
 PROMPT_KEYS = ("instruction", "prompt", "question", "text", "messages")
 OUTPUT_TYPES = (".json", ".jsonl")
-BASE = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 
 
 @dataclass

@@ -10,12 +10,12 @@ import math
 import time
 from pathlib import Path
 
+from ..adapters import BASE
 from ..errors import InvalidInput, suggest
 from .data import PaddingCollator, Tokenized, load_examples
 from .params import DEFAULTS
 
 EVALUATE_OPTIONS = ("batch_size", "cutoff_len", "data_format", "prompt_template", "train_on_inputs")
-BASE = "__base__"
 
 
 def token_loss(model, rows: list[Tokenized], *, pad_id: int, batch_size: int = 8,
