@@ -3,7 +3,11 @@
 Callers submit requests and wait on a future; one worker thread owns the model.
 Whatever queued up while the previous batch ran (plus an optional short window)
 is grouped by compatible options and run as one forward pass, adapters mixed.
-An idle worker starts at once, so a lone caller pays no window. Other model work that must
+An idle worker starts at once, so a lone caller pays no window. Callers answered by a batch
+usually come straight back (a walker generating in a loop), so the next batch waits up to
+``rejoin_s`` after the last one ended for as many requests as it answered: without that wait,
+concurrent callers drift into a batch of one followed by a batch of the rest, each paying a
+full generation. Other model work that must
 run on the same thread (a stream) is submitted with ``submit_call`` and runs alone, between
 batches: llm_module/threads.py says why one thread does all forward passes. For the same
 reason the worker ends after ``idle_exit_s`` without work (its OpenMP team goes with it, so a
@@ -44,6 +48,7 @@ class MicroBatcher:
         max_batch: int = 16,
         name: str = "llm-batcher",
         idle_exit_s: float = 1.0,
+        rejoin_s: float = 0.03,
     ) -> None:
         self._run_batch = run_batch
         self._key = key
@@ -51,6 +56,9 @@ class MicroBatcher:
         self.window_s = window_s
         self.max_batch = max_batch
         self.idle_exit_s = idle_exit_s
+        self.rejoin_s = rejoin_s
+        self._expected = 0  # requests queued when the last batch ended plus those it answered
+        self._answered_at = 0.0  # when it ended
         self._name = name
         self._queue: queue.Queue = queue.Queue()
         self._stopped = threading.Event()
@@ -96,11 +104,17 @@ class MicroBatcher:
             return self._queue.get_nowait()
 
     def _collect(self, first) -> tuple[list, list]:
-        """First item plus whatever is queued now, or arrives within the window; calls apart."""
+        """First item plus whatever is queued now or arrives within the window; calls apart.
+
+        Until the batch holds what was queued when the last batch ended plus as many requests as
+        that batch answered, the wait extends to ``rejoin_s`` after it ended, so callers coming
+        back ride together.
+        """
         pending, calls = [first], []
         deadline = time.monotonic() + self.window_s
+        rejoin_deadline = max(deadline, self._answered_at + self.rejoin_s)
         while sum(self._size(item) for item, _ in pending) < self.max_batch:
-            timeout = deadline - time.monotonic()
+            timeout = (rejoin_deadline if len(pending) < self._expected else deadline) - time.monotonic()
             try:
                 entry = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
             except queue.Empty:
@@ -130,6 +144,7 @@ class MicroBatcher:
                 groups.setdefault(self._key(entry[0]), []).append(entry)
             for entries in groups.values():
                 self._run_group(entries)
+            self._expected, self._answered_at = len(pending) + self._queue.qsize(), time.monotonic()
             for call in calls:
                 self._run_call(*call)
 

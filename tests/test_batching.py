@@ -54,3 +54,43 @@ def test_a_call_runs_on_the_worker_after_what_was_queued():
     batcher.stop()
     with pytest.raises(RuntimeError, match="stopped"):
         batcher.submit(1)
+
+
+def _callers(batcher: MicroBatcher, calls: int, count: int) -> None:
+    """``count`` threads each submitting ``calls`` items back to back; caller 0 starts first."""
+    def caller(index: int) -> None:
+        for i in range(calls):
+            batcher.submit(2 * (index + count * i)).result(timeout=10)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(count)]
+    threads[0].start()
+    time.sleep(0.01)  # caller 0's first request runs alone; the others queue behind it
+    for thread in threads[1:]:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+@pytest.mark.parametrize("rejoin_s", [0.0, 0.5])
+def test_callers_coming_back_ride_in_one_batch(rejoin_s):
+    """Without the rejoin wait, concurrent callers stay split into a batch of one and a batch of the rest."""
+    batcher, seen = _batcher(rejoin_s=rejoin_s)
+    _callers(batcher, calls=3, count=4)
+    sizes = [len(items) for items, _ in seen]
+    if rejoin_s:
+        # The 3 that queued behind caller 0's first call wait for it to come back; the last
+        # batch waits out the window for a caller that has finished.
+        assert sizes == [1, 4, 4, 3]
+    else:
+        assert sizes[:2] == [1, 3] and 1 in sizes[2:] and 4 not in sizes
+    batcher.stop()
+
+
+def test_a_lone_caller_never_waits_for_the_rejoin_window():
+    started: list[float] = []
+    batcher = MicroBatcher(lambda items: started.append(time.monotonic()) or items, key=lambda item: 0, rejoin_s=5.0)
+    for i in range(3):
+        submitted = time.monotonic()
+        assert batcher.submit(i).result(timeout=10) == i
+        assert started[-1] - submitted < 1.0  # the last batch answered one request, and it is back
+    batcher.stop()
