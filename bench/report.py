@@ -67,9 +67,11 @@ def render_quality(r: dict) -> list[str]:
     lines += ["| weights | held-out perplexity | vs fp32 | greedy texts identical "
               f"({r['new_tokens']} tokens) | mean identical prefix (tokens) |", "|---|---|---|---|---|",
               f"| fp32 (baseline) | {base:.3f} | 1.000× | – | – |"]
-    for mode in ("int8", "int4"):
+    notes = {"int4": " (served default for decoding: int4 body, int8 head)",
+             "int4, bf16 prefill copy": " (served default for prompts of 16+ tokens)"}
+    for mode in (m for m in q if m != "fp32"):
         m = q[mode]
-        lines.append(f"| {mode}{' (served default: int4 body, int8 head)' if mode == 'int4' else ''} | "
+        lines.append(f"| {mode}{notes.get(mode, '')} | "
                      f"{m['perplexity']:.3f} | {m['perplexity'] / base:.4f}× | "
                      f"{m['identical_greedy_texts']}/{r['texts']} | {m['mean_identical_tokens']:.1f} |")
     return lines

@@ -142,14 +142,15 @@ def held_out_perplexity(model, tokenizer, text: str, window: int = 256) -> float
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_default_model_perplexity_within_one_percent(mode):
+@pytest.mark.parametrize("mode, dense", [("int8", False), ("int4", False), ("int4", True)])
+def test_default_model_perplexity_within_one_percent(mode, dense):
+    """Windows of 256 tokens: the packed kernel, or with ``dense`` the bf16 copy prompts are read with."""
     from llm_module.loader import load_model
 
     loaded = load_model()
     text = HELD_OUT.read_text(encoding="utf-8")
     reference = held_out_perplexity(loaded.model, loaded.tokenizer, text)
-    quantize_linears(loaded.model, mode)
+    quantize_linears(loaded.model, mode, dense_prefill=dense)
     quantized = held_out_perplexity(loaded.model, loaded.tokenizer, text)
     assert abs(quantized / reference - 1) < 0.01, (mode, reference, quantized)
 
@@ -189,3 +190,18 @@ def test_parameter_count_is_unchanged_by_packing(tiny_model_dir):
     head = model.get_output_embeddings().weight.numel()  # tied: counted once before, once more when untied
     quantize_linears(model, "int4")
     assert parameter_count(model) == before + head
+
+
+def test_dense_prefill_copy_serves_long_inputs_and_the_packed_weight_short_ones():
+    from llm_module.speed import DENSE_MIN_ROWS
+
+    linear = _linear()
+    packed = WeightOnlyLinear(linear, "int4")
+    both = WeightOnlyLinear(linear, "int4", packed=(packed.weight, packed.scales), dense=True)
+    short = torch.randn(DENSE_MIN_ROWS - 1, 128)
+    torch.testing.assert_close(both(short), packed(short), rtol=0, atol=0)  # decoding: the int4 kernel
+    long = torch.randn(DENSE_MIN_ROWS, 128)
+    dense = long.to(COMPUTE_DTYPE) @ linear.weight.to(COMPUTE_DTYPE).t()
+    torch.testing.assert_close(both(long), dense.float(), rtol=0, atol=0)  # prefill: the bf16 copy
+    assert not torch.equal(both(long), packed(long))
+    assert "dense_weight" not in both.state_dict()  # rebuilt from the float weight, never cached
