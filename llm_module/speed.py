@@ -47,10 +47,12 @@ class WeightOnlyLinear(nn.Linear):
     """
 
     def __init__(self, linear: nn.Linear, mode: str, group_size: int = INT4_GROUP_SIZE,
-                 packed: tuple[torch.Tensor, torch.Tensor] | None = None, dense: bool = False) -> None:
+                 packed: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 dense: bool | torch.Tensor = False) -> None:
         """Pack ``linear``'s weight, or take ``packed`` (weight, scales) saved from an earlier packing.
 
-        ``dense`` also keeps a bf16 copy of the weight for inputs of ``DENSE_MIN_ROWS`` rows or more.
+        ``dense`` also keeps a bf16 copy of the weight for inputs of ``DENSE_MIN_ROWS`` rows or more:
+        True makes it from ``linear``'s weight, a tensor is that copy saved from an earlier packing.
         """
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -66,7 +68,10 @@ class WeightOnlyLinear(nn.Linear):
         self.register_buffer("scales", scales)
         bias = linear.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        dense_weight = linear.weight.detach().to(COMPUTE_DTYPE) if dense else None
+        if isinstance(dense, torch.Tensor):
+            dense_weight = dense
+        else:
+            dense_weight = linear.weight.detach().to(COMPUTE_DTYPE) if dense else None
         self.register_buffer("dense_weight", dense_weight, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +127,8 @@ def quantize_linears(model: nn.Module, mode: str = DEFAULT_QUANT_MODE, *, skip: 
     The output head always gets int8 per row: in the default GGUF it is the 8-bit embedding
     table, and 4 bits there raised held-out perplexity 6.8 % (int8: +0.1 %). A tied embedding
     keeps its float copy for lookups; the head gets its own packed copy.
-    ``cache_file`` keeps the packed tensors: packing takes seconds, reading them back does not.
+    ``cache_file`` keeps the packed tensors (and dense copies): packing takes seconds, reading them
+    back does not, and the float weights are never read, so their file pages stay out of memory.
     """
     if mode == "none":
         return 0
@@ -141,9 +147,14 @@ def quantize_linears(model: nn.Module, mode: str = DEFAULT_QUANT_MODE, *, skip: 
         parent = model.get_submodule(parent_name) if parent_name else model
         layer_mode = "int8" if module is head else mode
         packed = (saved[f"{name}.weight"], saved[f"{name}.scales"]) if saved else None
-        layer = WeightOnlyLinear(module, layer_mode, packed=packed, dense=dense_prefill and module is not head)
+        dense = dense_prefill and module is not head
+        if dense and saved:
+            dense = saved.get(f"{name}.dense", True)
+        layer = WeightOnlyLinear(module, layer_mode, packed=packed, dense=dense)
         setattr(parent, child, layer)
         fresh.update({f"{name}.weight": layer.weight.data, f"{name}.scales": layer.scales})
+        if layer.dense_weight is not None:
+            fresh[f"{name}.dense"] = layer.dense_weight
     if cache_file is not None and not saved and fresh:
         _write_packed(cache_file, fresh)
     if targets and getattr(model.config, "tie_word_embeddings", False):
@@ -175,11 +186,12 @@ def _write_packed(cache_file: Path, tensors: dict[str, torch.Tensor]) -> None:
         log.warning("Could not save packed weights to %s: %s", cache_file, exc)
 
 
-def packed_cache_file(source: str | None, mode: str) -> Path | None:
+def packed_cache_file(source: str | None, mode: str, dense: bool = False) -> Path | None:
     """Where packed weights of the local model directory ``source`` live; None for hub ids.
 
-    The key covers the directory and its weight files' sizes and times, the mode and the torch
-    version (the packed layout is torch's own), so a changed model or torch packs afresh.
+    The key covers the directory and its weight files' sizes and times, the mode, whether dense
+    prefill copies are kept and the torch version (the packed layout is torch's own), so a
+    changed model or torch packs afresh.
     """
     if not source or mode == "none" or not Path(source).is_dir():
         return None
@@ -188,12 +200,12 @@ def packed_cache_file(source: str | None, mode: str) -> Path | None:
     from .paths import model_cache_dir
 
     root = Path(source).resolve()
-    stamp = [str(root), mode, str(INT4_GROUP_SIZE), torch.__version__]
+    stamp = [str(root), mode, str(INT4_GROUP_SIZE), torch.__version__] + (["dense"] if dense else [])
     for weights in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
         stat = weights.stat()
         stamp.append(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}")
     key = hashlib.sha1("|".join(stamp).encode()).hexdigest()[:16]
-    return model_cache_dir() / "packed" / f"{root.name}-{mode}-{key}.safetensors"
+    return model_cache_dir() / "packed" / f"{root.name}-{mode}{'-dense' if dense else ''}-{key}.safetensors"
 
 
 def resolve_quant_mode(requested: str | None, device: str, dtype: torch.dtype, *, from_gguf: bool = True) -> str:
@@ -243,7 +255,7 @@ def prepare_for_inference(model: nn.Module, device: str, quantize: str | None = 
     dtype = next(model.parameters()).dtype
     mode = resolve_quant_mode(quantize, device, dtype, from_gguf=is_gguf_conversion(source))
     dense = mode == "int4" and os.environ.get(DENSE_PREFILL_ENV, "1") != "0"
-    count = quantize_linears(model, mode, cache_file=packed_cache_file(source, mode), dense_prefill=dense)
+    count = quantize_linears(model, mode, cache_file=packed_cache_file(source, mode, dense), dense_prefill=dense)
     grouped = device == "cpu" and use_grouped_attention(model)
     threads = set_thread_count()
     log.info("Prepared for inference: %s linears quantized to %s (dense prefill %s), grouped attention %s, %s threads",

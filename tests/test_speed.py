@@ -158,26 +158,35 @@ def test_default_model_perplexity_within_one_percent(mode, dense):
 def test_packed_weights_cache_gives_the_same_model(tiny_model_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from llm_module.speed import packed_cache_file, prepare_for_inference
+    from llm_module.speed import DENSE_MIN_ROWS, packed_cache_file, prepare_for_inference
 
     monkeypatch.setenv("LLM_MODULE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("LLM_MODULE_QUANTIZE", raising=False)
-    cache_file = packed_cache_file(str(tiny_model_dir), "int4")
+    monkeypatch.delenv("LLM_MODULE_DENSE_PREFILL", raising=False)
+    cache_file = packed_cache_file(str(tiny_model_dir), "int4", dense=True)
     assert cache_file is not None and packed_cache_file("org/hub-id", "int4") is None
-    ids = torch.tensor([[1, 42, 7, 99, 3]])
+    assert packed_cache_file(str(tiny_model_dir), "int4") != cache_file
+    short = torch.tensor([[1, 42, 7, 99, 3]])  # decoding-sized: the packed kernel
+    long = torch.arange(1, DENSE_MIN_ROWS + 5)[None]  # prompt-sized: the dense copy
     logits = []
     for _ in range(2):  # packs and saves, then reads the saved tensors back
         model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
-        assert prepare_for_inference(model, "cpu", "int4", source=str(tiny_model_dir))["quantized_linears"] == 15
+        done = prepare_for_inference(model, "cpu", "int4", source=str(tiny_model_dir))
+        assert done["quantized_linears"] == 15 and done["dense_prefill"]
         assert cache_file.is_file()
         with torch.inference_mode():
-            logits.append(model(ids).logits)
-    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+            logits.append((model(short).logits, model(long).logits))
+    for first, second in zip(*logits, strict=True):
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+    from safetensors.torch import load_file
+
+    assert sum(name.endswith(".dense") for name in load_file(str(cache_file))) == 14  # all but the head
     cache_file.write_bytes(b"torn")  # a damaged cache is packed afresh, not fatal
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
     prepare_for_inference(model, "cpu", "int4", source=str(tiny_model_dir))
     with torch.inference_mode():
-        torch.testing.assert_close(model(ids).logits, logits[0], rtol=0, atol=0)
+        torch.testing.assert_close(model(short).logits, logits[0][0], rtol=0, atol=0)
+        torch.testing.assert_close(model(long).logits, logits[0][1], rtol=0, atol=0)
 
 
 def test_parameter_count_is_unchanged_by_packing(tiny_model_dir):
