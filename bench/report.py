@@ -68,7 +68,7 @@ def render_quality(r: dict) -> list[str]:
               f"({r['new_tokens']} tokens) | mean identical prefix (tokens) |", "|---|---|---|---|---|",
               f"| fp32 (baseline) | {base:.3f} | 1.000× | – | – |"]
     notes = {"int4": " (served default for decoding: int4 body, int8 head)",
-             "int4, bf16 prefill copy": " (served default for prompts of 16+ tokens)"}
+             "int4, bf16 prefill copy": " (opt-in, LLM_MODULE_DENSE_PREFILL=1: prompts of 16+ tokens)"}
     for mode in (m for m in q if m != "fp32"):
         m = q[mode]
         lines.append(f"| {mode}{notes.get(mode, '')} | "

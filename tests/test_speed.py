@@ -162,7 +162,7 @@ def test_packed_weights_cache_gives_the_same_model(tiny_model_dir, tmp_path, mon
 
     monkeypatch.setenv("LLM_MODULE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("LLM_MODULE_QUANTIZE", raising=False)
-    monkeypatch.delenv("LLM_MODULE_DENSE_PREFILL", raising=False)
+    monkeypatch.setenv("LLM_MODULE_DENSE_PREFILL", "1")
     cache_file = packed_cache_file(str(tiny_model_dir), "int4", dense=True)
     assert cache_file is not None and packed_cache_file("org/hub-id", "int4") is None
     assert packed_cache_file(str(tiny_model_dir), "int4") != cache_file
