@@ -5,7 +5,7 @@ Whatever queued up while the previous batch ran (plus an optional short window)
 is grouped by compatible options and run as one forward pass, adapters mixed.
 An idle worker starts at once, so a lone caller pays no window. Callers answered by a batch
 usually come straight back (a walker generating in a loop), so the next batch waits up to
-``rejoin_s`` after the last one ended for as many requests as it answered: without that wait,
+``rejoin_s`` after the last one ended for them (see ``_collect``): without that wait,
 concurrent callers drift into a batch of one followed by a batch of the rest, each paying a
 full generation. Other model work that must
 run on the same thread (a stream) is submitted with ``submit_call`` and runs alone, between

@@ -171,7 +171,7 @@ def _read_packed(cache_file: Path | None) -> dict[str, torch.Tensor] | None:
 
     try:
         # Copies, not views of safetensors' file mapping: torch's int8 head kernel segfaulted on a
-        # batch of 15 rows while its weight was such a view (and never once it was a copy).
+        # batch of 15 rows while its weight was such a view; the same batch runs with copies.
         return {name: tensor.clone() for name, tensor in load_file(str(cache_file)).items()}
     except Exception as exc:  # a torn or foreign file: pack again and overwrite it
         log.warning("Ignoring unreadable packed-weight cache %s: %s", cache_file, exc)
