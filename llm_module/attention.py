@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "llm_module_sdpa"
 
@@ -19,8 +20,6 @@ NAME = "llm_module_sdpa"
 def grouped_sdpa_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                          is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     grouped = getattr(module, "num_key_value_groups", 1) > 1
     if grouped and attention_mask is not None and query.device.type == "cpu" and kwargs.get("position_bias") is None:
         # With a mask transformers never asks for a causal kernel, so none is asked for here either.

@@ -156,6 +156,7 @@ def test_default_model_perplexity_within_one_percent(mode, dense):
 
 
 def test_packed_weights_cache_gives_the_same_model(tiny_model_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from llm_module.speed import DENSE_MIN_ROWS, packed_cache_file, prepare_for_inference
@@ -178,8 +179,6 @@ def test_packed_weights_cache_gives_the_same_model(tiny_model_dir, tmp_path, mon
             logits.append((model(short).logits, model(long).logits))
     for first, second in zip(*logits, strict=True):
         torch.testing.assert_close(first, second, rtol=0, atol=0)
-    from safetensors.torch import load_file
-
     assert sum(name.endswith(".dense") for name in load_file(str(cache_file))) == 14  # all but the head
     cache_file.write_bytes(b"torn")  # a damaged cache is packed afresh, not fatal
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
@@ -213,4 +212,4 @@ def test_dense_prefill_copy_serves_long_inputs_and_the_packed_weight_short_ones(
     dense = long.to(COMPUTE_DTYPE) @ linear.weight.to(COMPUTE_DTYPE).t()
     torch.testing.assert_close(both(long), dense.float(), rtol=0, atol=0)  # prefill: the bf16 copy
     assert not torch.equal(both(long), packed(long))
-    assert "dense_weight" not in both.state_dict()  # rebuilt from the float weight, never cached
+    assert "dense_weight" not in both.state_dict()  # kept by the packed-weight cache, not the model's weights
