@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +31,8 @@ from .generation import (
 from .jobs import JobManager
 from .loader import DEFAULT_MODEL, LoadedModel, load_model
 from .paths import resolve_user_path
-from .prompts import render_prompt
+from .prefix_cache import PrefixCache
+from .prompts import render_prompt, template_prefix
 from .state import SavedState, StateFile
 from .threads import run_in_fresh_thread
 
@@ -49,6 +51,7 @@ class Engine:
         batching: bool = True,
         batch_window_s: float = 0.0,
         max_batch: int = 16,
+        prefix_cache: bool | None = None,
     ) -> None:
         self.data_root = Path(data_root).resolve() if data_root else None
         self.state_file = state_file or StateFile()
@@ -62,6 +65,9 @@ class Engine:
         self._default_adapter: str | None = None
         self._model_lock = threading.RLock()
         self._setup_lock = threading.Lock()
+        if prefix_cache is None:
+            prefix_cache = os.environ.get("LLM_MODULE_PREFIX_CACHE", "1") != "0"
+        self._prefixes = PrefixCache() if prefix_cache else None
         self._batcher = (
             MicroBatcher(self._run_batch, key=GenerationRequest.batch_key,
                          size=lambda r: len(r.texts) * r.num_return_sequences,
@@ -159,6 +165,7 @@ class Engine:
             with self._model_lock:
                 self._loaded, self._model, self._setup_args = loaded, model, args
                 self._adapters, self._default_adapter = infos, default if default in infos else None
+                self._forget_prefixes()
             self._save_state()
             return self.describe(seconds=loaded.seconds)
         finally:
@@ -243,6 +250,7 @@ class Engine:
             if name in self._adapters and not replace:
                 raise Conflict(f"An adapter named {name!r} is already loaded; unload it first or pick another name.")
             old = self._adapters.get(name)
+            self._forget_prefixes()  # a replaced adapter's cached prefixes are stale
             if old:
                 self._model = adp.detach(self._model, name)
             try:
@@ -265,10 +273,16 @@ class Engine:
         with self._model_lock:
             self._require_adapter(name)
             self._model = adp.detach(self._model, name)
+            self._forget_prefixes()  # the name may come back with other weights
             info = self._adapters.pop(name)
             if self._default_adapter == name:
                 self._default_adapter = None
         return info
+
+    def _forget_prefixes(self) -> None:
+        """Drop cached prefix keys and values: the model or an adapter changed (hold the model lock)."""
+        if self._prefixes is not None:
+            self._prefixes.clear()
 
     def list_adapters(self) -> list[dict]:
         return [
@@ -317,7 +331,7 @@ class Engine:
         **options: Any,
     ) -> GenerationRequest:
         self.ensure_ready()
-        texts, single = self._prompt_texts(prompt, messages, chat, system_prompt)
+        texts, single, prefix = self._prompt_texts(prompt, messages, chat, system_prompt)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise InvalidInput(f"seed must be an integer, got {seed!r}.")
         options = validate_options(options, self.limits)
@@ -330,14 +344,17 @@ class Engine:
             stop=validate_stop(stop),
             seed=seed if options.get("do_sample") else None,
             single=single,
+            prefix=prefix,
         )
 
-    def _prompt_texts(self, prompt, messages, chat, system_prompt) -> tuple[list[str], bool]:
+    def _prompt_texts(self, prompt, messages, chat, system_prompt) -> tuple[list[str], bool, str]:
+        """(rendered prompts, whether the caller gave one, the text they all start with)."""
         tokenizer = self._loaded.tokenizer
         if messages is not None:
             if prompt not in (None, ""):
                 raise InvalidInput("Pass either prompt or messages, not both.")
-            return [render_prompt(tokenizer, validate_messages(messages))], True
+            messages = validate_messages(messages)
+            return [render_prompt(tokenizer, messages)], True, template_prefix(tokenizer, messages)
         single = isinstance(prompt, str)
         prompts = [prompt] if single else prompt
         if not isinstance(prompts, list) or not prompts:
@@ -355,10 +372,11 @@ class Engine:
                     f"A prompt of {len(text)} characters is over the cap of {self.limits.max_prompt_chars}; "
                     "shorten it."
                 )
-        if chat:
-            system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-            prompts = [render_prompt(tokenizer, system + [{"role": "user", "content": p}]) for p in prompts]
-        return prompts, single
+        if not chat:
+            return prompts, single, ""
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        prompts = [render_prompt(tokenizer, system + [{"role": "user", "content": p}]) for p in prompts]
+        return prompts, single, template_prefix(tokenizer, system + [{"role": "user", "content": ""}])
 
     def generate(self, prompt: str | list[str] | None = None, **kwargs: Any) -> list:
         """``[{"generated_text": ...}]`` for one prompt; one such list per prompt for a list."""
@@ -390,13 +408,12 @@ class Engine:
         import torch
 
         tokenizer, model = self._loaded.tokenizer, self._model
-        texts = [text for _, _, text in rows]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(self._loaded.device) for k, v in enc.items()}
+        row_adapters = [r.adapter for r, _, _ in rows]
+        enc = self._encode([text for _, _, text in rows], template.prefix, row_adapters)
         prompt_len = enc["input_ids"].shape[1]
         options = dict(template.options, num_return_sequences=1)
         self._fit_context(options, int(enc["attention_mask"].sum(dim=1).max()))
-        adapters, extra = self._adapter_rows([r.adapter for r, _, _ in rows])
+        adapters, extra = self._adapter_rows(row_adapters)
         if template.stop:
             extra.update(stop_strings=template.stop, tokenizer=tokenizer)
         if template.seed is not None:
@@ -405,6 +422,36 @@ class Engine:
             out = model.generate(**enc, **options, **extra, pad_token_id=tokenizer.pad_token_id)
         texts_out = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
         return [cut_at_stop(t, template.stop) for t in texts_out]
+
+    def _encode(self, texts: list[str], prefix: str, row_adapters: list[str | None]) -> dict:
+        """generate's inputs for these prompts: with the shared prefix's cache when it has one.
+
+        Call with the model lock held: a cache miss runs the prefix through the model.
+        """
+        import torch
+
+        tokenizer, device = self._loaded.tokenizer, self._loaded.device
+        if self._prefixes is not None and prefix and all(t.startswith(prefix) for t in texts):
+            with torch.inference_mode():
+                batch = self._prefixes.batch(
+                    tokenizer(texts, add_special_tokens=False)["input_ids"],
+                    tokenizer(prefix, add_special_tokens=False)["input_ids"],
+                    row_adapters, self._prefix_key_values, tokenizer.pad_token_id, self._loaded.model.config)
+            if batch is not None:
+                return {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device),
+                        "past_key_values": batch.past_key_values}
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return {k: v.to(device) for k, v in enc.items()}
+
+    def _prefix_key_values(self, prefix: list[int], adapter: str | None) -> list:
+        """Keys and values of ``prefix`` under ``adapter``, per layer (a prefix cache miss)."""
+        import torch
+
+        adapters, extra = self._adapter_rows([adapter])
+        with torch.inference_mode(), adapters:
+            ids = torch.tensor([prefix], device=self._loaded.device)
+            cache = self._model(input_ids=ids, use_cache=True, **extra).past_key_values
+        return [(layer.keys, layer.values) for layer in cache.layers]
 
     def _adapter_rows(self, row_adapters: list[str | None]) -> tuple[Any, dict]:
         """(context, generate kwargs) that give each row its adapter; call with the model lock held."""
@@ -440,8 +487,7 @@ class Engine:
 
             try:
                 with self._model_lock, torch.inference_mode():
-                    enc = tokenizer(request.texts, return_tensors="pt", add_special_tokens=False)
-                    enc = {k: v.to(self._loaded.device) for k, v in enc.items()}
+                    enc = self._encode(request.texts, request.prefix, [request.adapter])
                     options = dict(request.options)
                     self._fit_context(options, enc["input_ids"].shape[1])
                     adapters, extra = self._adapter_rows([request.adapter])

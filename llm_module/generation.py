@@ -55,6 +55,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     single: bool = True  # the caller gave one prompt, not a list
+    prefix: str = ""  # text every prompt starts with (a chat template's turns): its cache is reused
 
     @property
     def num_return_sequences(self) -> int:

@@ -56,3 +56,13 @@ def render_prompt(tokenizer, messages: list[dict], template: str = "auto") -> st
     history = "\n".join(f"{m['role']}: {m['content']}" for m in turns[:-1])
     context = "\n".join(part for part in (system, history) if part)
     return alpaca_prompt(instruction, context)
+
+
+def template_prefix(tokenizer, messages: list[dict], template: str = "auto") -> str:
+    """The rendered text before the last message's content: the same for every prompt that has
+    these earlier turns (``prefix_cache.py`` computes its keys and values once). Empty when the
+    template does not place the content in one piece."""
+    marker = "\ue000"  # a private-use character no user text is expected to hold
+    probe = messages[:-1] + [{**messages[-1], "content": marker}]
+    text = render_prompt(tokenizer, probe, template)
+    return text.partition(marker)[0] if text.count(marker) == 1 else ""
