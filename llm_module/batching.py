@@ -13,6 +13,10 @@ batches: llm_module/threads.py says why one thread does all forward passes. For 
 reason the worker ends after ``idle_exit_s`` without work (its OpenMP team goes with it, so a
 training run or an evaluation in another thread gets the cores' full speed) and the next
 request starts a new one.
+
+A running batch may also stop early when at least as many compatible rows are waiting as it
+runs (``waiting``): it hands its items back as ``Unfinished`` remainders, which open the next
+batch together with the newcomers. The batch's owner decides when (llm_module/engine.py).
 """
 
 from __future__ import annotations
@@ -35,6 +39,15 @@ class _Call:
 
 
 _IDLE = object()  # the worker's signal to itself that it may end
+
+
+class Unfinished:
+    """A batch's result for an item it stopped early to make room: run ``item`` (its remainder) next."""
+
+    __slots__ = ("item",)
+
+    def __init__(self, item: Any) -> None:
+        self.item = item
 
 
 class MicroBatcher:
@@ -67,6 +80,7 @@ class MicroBatcher:
         self.workers_started = 0
         self.batches_run = 0
         self.largest_batch = 0
+        self.resumed = 0  # items handed back Unfinished and run again
 
     def submit(self, item: Any) -> Future:
         if self._stopped.is_set():
@@ -83,6 +97,13 @@ class MicroBatcher:
     def submit_call(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn()`` on the worker thread, alone, after the batches already queued."""
         return self.submit(_Call(fn))
+
+    def waiting(self, key: Any) -> int:
+        """Rows queued now that could share a batch with ``key`` (a running batch may yield to them)."""
+        with self._queue.mutex:
+            entries = list(self._queue.queue)
+        return sum(self._size(entry[0]) for entry in entries
+                   if entry is not None and not isinstance(entry[0], _Call) and self._key(entry[0]) == key)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -103,14 +124,14 @@ class MicroBatcher:
                     return _IDLE
             return self._queue.get_nowait()
 
-    def _collect(self, first) -> tuple[list, list]:
-        """First item plus whatever is queued now or arrives within the window; calls apart.
+    def _collect(self, start: list) -> tuple[list, list]:
+        """``start`` plus whatever is queued now or arrives within the window; calls apart.
 
         Until the batch holds what was queued when the last batch ended plus as many requests as
         that batch answered, the wait extends to ``rejoin_s`` after it ended, so callers coming
         back ride together.
         """
-        pending, calls = [first], []
+        pending, calls = list(start), []
         deadline = time.monotonic() + self.window_s
         rejoin_deadline = max(deadline, self._answered_at + self.rejoin_s)
         while sum(self._size(item) for item, _ in pending) < self.max_batch:
@@ -129,21 +150,23 @@ class MicroBatcher:
         return pending, calls
 
     def _loop(self) -> None:
+        carried: list = []  # items a batch handed back unfinished: they open the next batch
         while not self._stopped.is_set():
-            first = self._next()
-            if first is _IDLE:
-                return
-            if first is None:
-                break
-            if isinstance(first[0], _Call):
-                self._run_call(*first)
-                continue
-            pending, calls = self._collect(first)
+            if not carried:
+                first = self._next()
+                if first is _IDLE:
+                    return
+                if first is None:
+                    break
+                if isinstance(first[0], _Call):
+                    self._run_call(*first)
+                    continue
+                carried = [first]
+            pending, calls = self._collect(carried)
             groups: dict[Any, list] = {}
             for entry in pending:
                 groups.setdefault(self._key(entry[0]), []).append(entry)
-            for entries in groups.values():
-                self._run_group(entries)
+            carried = [entry for entries in groups.values() for entry in self._run_group(entries)]
             self._expected, self._answered_at = len(pending) + self._queue.qsize(), time.monotonic()
             for call in calls:
                 self._run_call(*call)
@@ -157,10 +180,12 @@ class MicroBatcher:
         except BaseException as exc:
             future.set_exception(exc)
 
-    def _run_group(self, entries: list) -> None:
-        live = [(item, fut) for item, fut in entries if fut.set_running_or_notify_cancel()]
+    def _run_group(self, entries: list) -> list:
+        """Run one batch and answer its futures; return the entries it handed back unfinished."""
+        # A carried entry's future is running already.
+        live = [(item, fut) for item, fut in entries if fut.running() or fut.set_running_or_notify_cancel()]
         if not live:
-            return
+            return []
         self.batches_run += 1
         self.largest_batch = max(self.largest_batch, sum(self._size(item) for item, _ in live))
         try:
@@ -168,9 +193,14 @@ class MicroBatcher:
         except BaseException as exc:  # every waiter hears about the failure
             for _, fut in live:
                 fut.set_exception(exc)
-            return
+            return []
+        unfinished = []
         for (_, fut), result in zip(live, results, strict=True):
-            if isinstance(result, BaseException):
+            if isinstance(result, Unfinished):
+                unfinished.append((result.item, fut))
+                self.resumed += 1
+            elif isinstance(result, BaseException):
                 fut.set_exception(result)
             else:
                 fut.set_result(result)
+        return unfinished

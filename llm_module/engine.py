@@ -8,6 +8,7 @@ a micro-batcher whose single worker owns the model while a batch runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -17,21 +18,24 @@ from pathlib import Path
 from typing import Any
 
 from . import adapters as adp
-from .batching import MicroBatcher
+from .batching import MicroBatcher, Unfinished
 from .errors import Conflict, InvalidInput, LLMError, ModelLoadError, NotFound, PayloadTooLarge, suggest
 from .generation import (
     GenerationRequest,
     Limits,
     cut_at_stop,
+    row_budgets,
+    row_min_new_tokens,
     stop_when,
     validate_messages,
     validate_options,
     validate_stop,
+    yield_when_waiting,
 )
 from .jobs import JobManager
 from .loader import DEFAULT_MODEL, LoadedModel, load_model
 from .paths import resolve_user_path
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, left_padded
 from .prompts import render_prompt, template_prefix
 from .state import SavedState, StateFile
 from .threads import run_in_fresh_thread
@@ -387,15 +391,26 @@ class Engine:
         return self._batcher.submit(request).result()
 
     def _run_batch(self, requests: list[GenerationRequest]) -> list:
-        """Run requests sharing options as one (chunked) batch; return one result per request."""
+        """Run requests sharing options as one (chunked) batch; return one result per request.
+
+        A batch of resumable requests with room to spare stops early when requests are waiting
+        to join it and re-running it is cheap (generation.yield_when_waiting): its requests come
+        back as ``Unfinished`` remainders that the batcher runs together with the newcomers.
+        """
         rows = [(r, i, text) for r in requests for i, text in enumerate(r.texts)
                 for _ in range(r.num_return_sequences)]
-        outputs: list[str] = []
+        may_yield = (self._batcher is not None and len(rows) < self.max_batch
+                     and all(r.resumable for r in requests))
+        outputs: list = []
         with self._model_lock:
             for start in range(0, len(rows), self.max_batch):
-                outputs += self._generate_rows(requests[0], rows[start:start + self.max_batch])
+                outputs += self._generate_rows(requests[0], rows[start:start + self.max_batch], may_yield)
         results, cursor = [], 0
         for r in requests:
+            if isinstance(outputs[cursor], list):  # tokens so far: the request yielded (one row)
+                results.append(Unfinished(dataclasses.replace(r, partial=outputs[cursor], yields=r.yields + 1)))
+                cursor += 1
+                continue
             per_prompt = []
             for text in r.texts:
                 group = outputs[cursor:cursor + r.num_return_sequences]
@@ -404,44 +419,79 @@ class Engine:
             results.append(per_prompt[0] if r.single else per_prompt)
         return results
 
-    def _generate_rows(self, template: GenerationRequest, rows: list) -> list[str]:
+    def _generate_rows(self, template: GenerationRequest, rows: list, may_yield: bool = False) -> list:
+        """Each row's completion; with ``may_yield``, the tokens so far of rows a yield cut short."""
         import torch
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         tokenizer, model = self._loaded.tokenizer, self._model
         row_adapters = [r.adapter for r, _, _ in rows]
-        enc = self._encode([text for _, _, text in rows], template.prefix, row_adapters)
+        partials = [r.partial for r, _, _ in rows]
+        enc = self._encode([text for _, _, text in rows], template.prefix, row_adapters, partials)
         prompt_len = enc["input_ids"].shape[1]
         options = dict(template.options, num_return_sequences=1)
         self._fit_context(options, int(enc["attention_mask"].sum(dim=1).max()))
         adapters, extra = self._adapter_rows(row_adapters)
+        criteria, budgets = [], [options.get("max_new_tokens", 0) - len(p) for p in partials]
+        if any(partials):  # resumed rows have fewer tokens to go, and may end sooner
+            criteria.append(row_budgets(prompt_len, budgets))
+            if "min_new_tokens" in options:
+                least = options.pop("min_new_tokens")
+                minimums = [max(0, least - len(p)) for p in partials]
+                extra["logits_processor"] = LogitsProcessorList(
+                    [row_min_new_tokens(prompt_len, minimums, self._eos_ids())])
+        yielder = None
+        if may_yield:
+            key, room = template.batch_key(), self.max_batch - len(rows)
+            uncached = int(enc["attention_mask"].sum()) - len(rows) * _cached_length(enc)
+            yielder = yield_when_waiting(lambda: min(self._batcher.waiting(key), room), len(rows), prompt_len,
+                                         min(budgets), uncached)
+            criteria.append(yielder)
+        if criteria:
+            extra["stopping_criteria"] = StoppingCriteriaList(criteria)
         if template.stop:
             extra.update(stop_strings=template.stop, tokenizer=tokenizer)
         if template.seed is not None:
             torch.manual_seed(template.seed)
         with torch.inference_mode(), adapters:
             out = model.generate(**enc, **options, **extra, pad_token_id=tokenizer.pad_token_id)
-        texts_out = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
-        return [cut_at_stop(t, template.stop) for t in texts_out]
+        new = [p + row.tolist() for p, row in zip(partials, out[:, prompt_len:], strict=True)]
+        if yielder is not None and yielder.fired:
+            ends = self._eos_ids() | {tokenizer.pad_token_id}
+            return [self._decode(ids, template.stop) if ends & set(ids) or len(ids) >= options["max_new_tokens"]
+                    else ids for ids in new]
+        return [self._decode(ids, template.stop) for ids in new]
 
-    def _encode(self, texts: list[str], prefix: str, row_adapters: list[str | None]) -> dict:
-        """generate's inputs for these prompts: with the shared prefix's cache when it has one.
+    def _decode(self, ids: list[int], stop: list[str]) -> str:
+        return cut_at_stop(self._loaded.tokenizer.decode(ids, skip_special_tokens=True), stop)
+
+    def _eos_ids(self) -> set[int]:
+        eos = self._loaded.model.generation_config.eos_token_id
+        return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    def _encode(self, texts: list[str], prefix: str, row_adapters: list[str | None],
+                partials: list[list[int]] | None = None) -> dict:
+        """generate's inputs for these prompts (each followed by its ``partials`` tokens, if any):
+        with the shared prefix's cache when they all start with it.
 
         Call with the model lock held: a cache miss runs the prefix through the model.
         """
         import torch
 
         tokenizer, device = self._loaded.tokenizer, self._loaded.device
+        rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        if partials:
+            rows = [row + partial for row, partial in zip(rows, partials, strict=True)]
         if self._prefixes is not None and prefix and all(t.startswith(prefix) for t in texts):
             with torch.inference_mode():
-                batch = self._prefixes.batch(
-                    tokenizer(texts, add_special_tokens=False)["input_ids"],
-                    tokenizer(prefix, add_special_tokens=False)["input_ids"],
-                    row_adapters, self._prefix_key_values, tokenizer.pad_token_id, self._loaded.model.config)
+                batch = self._prefixes.batch(rows, tokenizer(prefix, add_special_tokens=False)["input_ids"],
+                                             row_adapters, self._prefix_key_values, tokenizer.pad_token_id,
+                                             self._loaded.model.config)
             if batch is not None:
                 return {"input_ids": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device),
                         "past_key_values": batch.past_key_values}
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return {k: v.to(device) for k, v in enc.items()}
+        ids, mask = left_padded(rows, tokenizer.pad_token_id)
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
     def _prefix_key_values(self, prefix: list[int], adapter: str | None) -> list:
         """Keys and values of ``prefix`` under ``adapter``, per layer (a prefix cache miss)."""
@@ -641,6 +691,11 @@ class Engine:
         return run_in_fresh_thread(select_informative, self._model, self._loaded.tokenizer, data_path, k,
                                    strategy=strategy, adapter=name, multi_adapter=bool(self._adapters),
                                    output_path=out_path, lock=self._model_lock, **kwargs)
+
+
+def _cached_length(inputs: dict) -> int:
+    cache = inputs.get("past_key_values")
+    return cache.get_seq_length() if cache is not None else 0
 
 
 def _release_memory() -> None:

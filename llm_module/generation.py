@@ -28,6 +28,19 @@ _REFUSED = {"output_attentions", "output_hidden_states", "output_scores", "outpu
             "pad_token_id", "eos_token_id", "bos_token_id", "cache_implementation", "compile_config"}
 
 
+# Options under which a request stopped after some tokens and resumed from them (as part of its
+# prompt) continues as it would have: they look at the tokens so far, never at a step count.
+_RESUMABLE_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k",
+                      "typical_p", "min_p", "repetition_penalty", "num_return_sequences"}
+# When a running batch yields to waiting requests (engine.py): only with this many tokens still to
+# go (near its end it finishes), only if re-running its rows' uncached prompt and tokens so far
+# costs at most this many tokens (about one prefill of 8 short chat prompts), and at most this
+# many times a request.
+MIN_TOKENS_LEFT_TO_YIELD = 4
+MAX_RERUN_TOKENS_TO_YIELD = 256
+MAX_YIELDS = 3
+
+
 def _generation_config_keys() -> set[str]:
     from transformers import GenerationConfig
 
@@ -56,10 +69,19 @@ class GenerationRequest:
     seed: int | None = None
     single: bool = True  # the caller gave one prompt, not a list
     prefix: str = ""  # text every prompt starts with (a chat template's turns): its cache is reused
+    partial: list[int] = field(default_factory=list)  # tokens generated before a batch yielded (engine.py)
+    yields: int = 0  # how many times a batch stopped this request early
 
     @property
     def num_return_sequences(self) -> int:
         return int(self.options.get("num_return_sequences", 1))
+
+    @property
+    def resumable(self) -> bool:
+        """Whether a batch may stop this request early and run the rest later: one row, and
+        nothing tied to a step count or a seed."""
+        return (len(self.texts) == 1 and self.num_return_sequences == 1 and self.seed is None and not self.stop
+                and self.yields < MAX_YIELDS and set(self.options) <= _RESUMABLE_OPTIONS)
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one forward pass (adapter may differ)."""
@@ -179,3 +201,59 @@ def stop_when(event: threading.Event):
             return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([_StopWhenSet()])
+
+
+def row_budgets(prompt_len: int, budgets: list[int]):
+    """Stopping criteria that end row ``i`` after ``budgets[i]`` new tokens (rows resumed with some)."""
+    import torch
+    from transformers import StoppingCriteria
+
+    limits = torch.tensor(budgets)
+
+    class _RowBudgets(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return (input_ids.shape[1] - prompt_len >= limits).to(input_ids.device)
+
+    return _RowBudgets()
+
+
+def row_min_new_tokens(prompt_len: int, minimums: list[int], eos_ids: set[int]):
+    """A logits processor that keeps row ``i`` from ending before ``minimums[i]`` new tokens."""
+    import torch
+    from transformers import LogitsProcessor
+
+    limits, eos = torch.tensor(minimums), sorted(eos_ids)
+
+    class _RowMinNewTokens(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            early = (input_ids.shape[1] - prompt_len < limits).to(scores.device)
+            if eos and bool(early.any()):
+                scores = scores.clone()
+                scores[early.nonzero(as_tuple=True)[0][:, None], torch.tensor(eos)] = -float("inf")
+            return scores
+
+    return _RowMinNewTokens()
+
+
+def yield_when_waiting(waiting, rows: int, prompt_len: int, tokens_to_go: int, rerun_tokens: int):
+    """Stopping criteria that end a batch of ``rows`` once ``waiting()`` rows could join it.
+
+    Merged into the next batch, the newcomers and the stopped rows share every step after that,
+    instead of the newcomers waiting out the whole batch; the stopped rows run their uncached
+    prompt (``rerun_tokens`` in all) and their tokens so far again. ``tokens_to_go``: the fewest
+    any row has left. Its ``fired`` says whether it stopped the batch.
+    """
+    import torch
+    from transformers import StoppingCriteria
+
+    class _YieldWhenWaiting(StoppingCriteria):
+        fired = False
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if not self.fired:
+                done = input_ids.shape[1] - prompt_len
+                self.fired = (tokens_to_go - done >= MIN_TOKENS_LEFT_TO_YIELD
+                              and rerun_tokens + rows * done <= MAX_RERUN_TOKENS_TO_YIELD and waiting() > 0)
+            return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
+
+    return _YieldWhenWaiting()

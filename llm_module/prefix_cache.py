@@ -79,12 +79,20 @@ class PrefixCache:
             tuple(torch.cat([per_adapter[a][i][j] for a in row_adapters]) for j in (0, 1))
             for i in range(len(per_adapter[row_adapters[0]]))
         ]
-        longest = max(len(r) - size for r in rows)
-        ids = torch.full((len(rows), size + longest), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        ids[:, :size], mask[:, :size] = torch.tensor(prefix), 1
-        for i, row in enumerate(rows):
-            own = row[size:]
-            ids[i, size + longest - len(own):] = torch.tensor(own)
-            mask[i, size + longest - len(own):] = 1
+        ids, mask = left_padded([r[size:] for r in rows], pad_id, head=prefix)
         return PrefixedBatch(ids, mask, DynamicCache(ddp_cache_data=layers, config=config))
+
+
+def left_padded(rows: list[list[int]], pad_id: int, head: Sequence[int] = ()) -> tuple[Any, Any]:
+    """(input_ids, attention_mask): ``head`` then each row left-padded to the longest."""
+    import torch
+
+    longest, size = max(len(r) for r in rows), len(head)
+    ids = torch.full((len(rows), size + longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    if size:
+        ids[:, :size], mask[:, :size] = torch.tensor(list(head)), 1
+    for i, row in enumerate(rows):
+        ids[i, size + longest - len(row):] = torch.tensor(row)
+        mask[i, size + longest - len(row):] = 1
+    return ids, mask

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from llm_module.batching import MicroBatcher
+from llm_module.batching import MicroBatcher, Unfinished
 
 
 def _batcher(**kwargs) -> tuple[MicroBatcher, list]:
@@ -93,4 +93,27 @@ def test_a_lone_caller_never_waits_for_the_rejoin_window():
         submitted = time.monotonic()
         assert batcher.submit(i).result(timeout=10) == i
         assert started[-1] - submitted < 1.0  # the last batch answered one request, and it is back
+    batcher.stop()
+
+
+def test_a_batch_that_yields_hands_its_remainder_to_the_next_batch_with_the_newcomers():
+    seen: list = []
+
+    def run_batch(items):
+        seen.append(list(items))
+        if items == [1]:  # the lone first item yields once two more are waiting
+            deadline = time.monotonic() + 10
+            while batcher.waiting(0) < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            return [Unfinished(101)]
+        return [item * 10 for item in items]
+
+    batcher = MicroBatcher(run_batch, key=lambda item: 0)
+    first = batcher.submit(1)
+    while not seen:
+        time.sleep(0.001)
+    later = [batcher.submit(i) for i in (2, 3)]
+    assert first.result(timeout=10) == 1010 and [f.result(timeout=10) for f in later] == [20, 30]
+    assert seen == [[1], [101, 2, 3]] and batcher.resumed == 1
+    assert batcher.waiting(0) == 0
     batcher.stop()

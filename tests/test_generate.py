@@ -137,3 +137,53 @@ def test_stream_yields_the_same_text_as_generate(engine):
     pieces = list(engine.stream("Hello there", **GREEDY))
     assert len(pieces) > 1
     assert "".join(pieces) == engine.generate("Hello there", return_full_text=False, **GREEDY)[0]["generated_text"]
+
+
+def test_a_lone_batch_yields_to_callers_arriving_and_every_text_stays_the_same(tiny_model_dir, tmp_path):
+    """A long greedy generation, then three callers while it runs: it stops, and goes on merged with them."""
+    import time
+
+    engine = Engine(state_file=StateFile(tmp_path / "state.json"))
+    engine.setup(str(tiny_model_dir))
+    long_call = {"max_new_tokens": 300, "min_new_tokens": 290, "do_sample": False, "chat": True}
+    prompts = ["Tell me a story", "Hi", "Why is the sky blue?", "List three colours"]
+    solo = [engine.generate(p, **long_call) for p in prompts]  # one at a time: nothing to yield to
+    assert engine._batcher.resumed == 0
+    batches = engine._batcher.batches_run
+    results: dict = {}
+    first = threading.Thread(target=lambda: results.__setitem__(0, engine.generate(prompts[0], **long_call)))
+    first.start()
+    while engine._batcher.batches_run == batches:  # the long call's batch has started
+        time.sleep(0.001)
+    others = [threading.Thread(target=lambda i=i: results.__setitem__(i, engine.generate(prompts[i], **long_call)))
+              for i in (1, 2, 3)]
+    for thread in others:
+        thread.start()
+    for thread in [first, *others]:
+        thread.join(timeout=120)
+    assert [results[i] for i in range(4)] == solo
+    # It yielded as the newcomers arrived and ran all four together.
+    assert engine._batcher.resumed >= 1 and engine._batcher.largest_batch == 4
+    engine.close()
+
+
+def test_only_plain_one_row_requests_may_be_stopped_and_resumed(engine):
+    plain = engine.build_request("Hi", **GREEDY)
+    assert plain.resumable
+    for kwargs in ({"seed": 3, "do_sample": True}, {"stop": ["."]}, {"num_return_sequences": 2, "do_sample": True},
+                   {"num_beams": 2}, {"max_length": 40}):
+        assert not engine.build_request("Hi", **{**GREEDY, **kwargs}).resumable, kwargs
+    assert not engine.build_request(["Hi", "Yo"], **GREEDY).resumable
+
+
+def test_resumed_rows_keep_their_own_minimum_length():
+    """A resumed row has fewer tokens still to force: end-of-sequence is held back per row."""
+    import torch
+
+    from llm_module.generation import row_min_new_tokens
+
+    processor = row_min_new_tokens(prompt_len=5, minimums=[3, 0], eos_ids={2})
+    scores = processor(torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 4))  # 1 new token so far
+    assert scores[0, 2] == -float("inf") and scores[1, 2] == 0 and bool((scores[:, [0, 1, 3]] == 0).all())
+    later = processor(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 4))  # 3 new tokens
+    assert bool((later == 0).all())
