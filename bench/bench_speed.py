@@ -103,6 +103,9 @@ def single(args) -> dict:
         "llm.generate": lambda: llm.generate(prompt, **options),
         "llm.generate, quantization off": fresh(lambda: unquantized.generate(prompt, **options)),
     }
+    llama = LlamaCpp.start(prompt, args.new_tokens)
+    if llama is not None:  # its turns come between the others', so the machine's swings hit all alike
+        runs[LLAMA_CPP_RUN] = llama.run
     rates = interleaved(runs, args.repeat, tokens=args.new_tokens)
     first_token = {
         "raw model.generate fp32": time_calls(fresh(lambda: raw_generate(1)), args.repeat * 3),
@@ -110,10 +113,16 @@ def single(args) -> dict:
         "llm.generate stream, first text piece (word boundary)": Stats(
             [first_piece_seconds(served, prompt) for _ in range(args.repeat * 3)]),
     }
-    result = {"rates": {k: v.to_dict() for k, v in rates.items()},
+    result = {"rates": {k: v.to_dict() for k, v in rates.items() if k != LLAMA_CPP_RUN},
               "first_token_s": {k: v.to_dict() for k, v in first_token.items()},
               "new_tokens": args.new_tokens, "prompt_tokens": enc["input_ids"].shape[1], "machine": machine()}
-    result.update(llama_cpp(prompt, args))
+    if llama is None:
+        result.update({"llama_cpp": None, "llama_cpp_note": "not built: run bench/setup_llama_cpp.sh"})
+    else:
+        result.update({"llama_cpp": rates[LLAMA_CPP_RUN].to_dict(), "llama_cpp_interleaved": True,
+                       "llama_cpp_first_token_s": Stats(llama.first_token_s).to_dict(),
+                       "llama_cpp_generated": llama.generated})
+        llama.close()
     return result
 
 
@@ -141,24 +150,50 @@ def interleaved(runs: dict, repeat: int, tokens: int) -> dict[str, Stats]:
     return {name: Stats(values) for name, values in times.items()}
 
 
-def llama_cpp(prompt: str, args) -> dict:
-    built = LLAMA_VENV_PYTHON.exists() and subprocess.run(
-        [str(LLAMA_VENV_PYTHON), "-c", "import llama_cpp"], capture_output=True).returncode == 0
-    if not built:
-        return {"llama_cpp": None, "llama_cpp_note": "not built: run bench/setup_llama_cpp.sh"}
-    from llm_module.loader import default_gguf_path
+LLAMA_CPP_RUN = "llama.cpp"
 
-    prompt_file = WORKDIR / "prompt.txt"
-    prompt_file.write_text(prompt, encoding="utf-8")
-    proc = subprocess.run([str(LLAMA_VENV_PYTHON), str(BENCH_DIR / "llama_cpp_worker.py"), str(default_gguf_path()),
-                           str(prompt_file), "--new-tokens", str(args.new_tokens), "--repeat", str(args.repeat)],
-                          capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        return {"llama_cpp": None, "llama_cpp_note": f"failed ({proc.returncode}): {proc.stderr[-500:]}"}
-    figures = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"llama_cpp": Stats(figures["tokens_per_s"]).to_dict(),
-            "llama_cpp_first_token_s": Stats(figures["first_token_s"]).to_dict(),
-            "llama_cpp_generated": figures["generated"]}
+
+class LlamaCpp:
+    """llama.cpp on the same GGUF in its own process (bench/llama_cpp_worker.py --serve): one run a call."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.first_token_s: list[float] = []
+        self.generated = 0
+
+    @classmethod
+    def start(cls, prompt: str, new_tokens: int) -> LlamaCpp | None:
+        built = LLAMA_VENV_PYTHON.exists() and subprocess.run(
+            [str(LLAMA_VENV_PYTHON), "-c", "import llama_cpp"], capture_output=True).returncode == 0
+        if not built:
+            return None
+        from llm_module.loader import default_gguf_path
+
+        prompt_file = WORKDIR / "prompt.txt"
+        prompt_file.write_text(prompt, encoding="utf-8")
+        command = [str(LLAMA_VENV_PYTHON), str(BENCH_DIR / "llama_cpp_worker.py"), str(default_gguf_path()),
+                   str(prompt_file), "--new-tokens", str(new_tokens), "--serve"]
+        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        worker = cls(proc)
+        worker._answer()  # loaded and warmed up
+        return worker
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the llama.cpp worker ended (exit code {self.proc.wait()})")
+        return json.loads(line)
+
+    def run(self) -> None:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        figures = self._answer()
+        self.first_token_s.append(figures["first_token_s"])
+        self.generated = figures["generated"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 # ----------------------------------------------------------------------------------------- overhead

@@ -89,7 +89,8 @@ def render_single(r: dict) -> list[str]:
         lines.append(f"| {name} | {fmt(stats)} | {stats['median'] / raw:.2f}× |")
     llama = r.get("llama_cpp")
     if llama:
-        lines.append(f"| llama.cpp (same GGUF, {r.get('llama_cpp_generated')} tokens) | {fmt(llama)} | "
+        turns = ", its runs in turn with the others" if r.get("llama_cpp_interleaved") else ""
+        lines.append(f"| llama.cpp (same GGUF, {r.get('llama_cpp_generated')} tokens{turns}) | {fmt(llama)} | "
                      f"{llama['median'] / raw:.2f}× |")
     ours = rates["llm.generate"]["median"]
     lines += ["", f"- llm.generate vs raw model.generate fp32: **{ours / raw:.2f}×** "
