@@ -14,9 +14,9 @@ reason the worker ends after ``idle_exit_s`` without work (its OpenMP team goes 
 training run or an evaluation in another thread gets the cores' full speed) and the next
 request starts a new one.
 
-A running batch may also stop early when at least as many compatible rows are waiting as it
-runs (``waiting``): it hands its items back as ``Unfinished`` remainders, which open the next
-batch together with the newcomers. The batch's owner decides when (llm_module/engine.py).
+A running batch may also stop early for compatible requests waiting behind it (``waiting``):
+it hands its items back as ``Unfinished`` remainders, which open the next batch together with
+the newcomers. The batch's owner decides when (llm_module/engine.py).
 """
 
 from __future__ import annotations
@@ -170,6 +170,8 @@ class MicroBatcher:
             self._expected, self._answered_at = len(pending) + self._queue.qsize(), time.monotonic()
             for call in calls:
                 self._run_call(*call)
+        for _, future in carried:  # stopped with remainders in hand: their callers must not hang
+            future.set_exception(RuntimeError("the batcher was stopped before this request finished"))
 
     @staticmethod
     def _run_call(call: _Call, future: Future) -> None:

@@ -117,3 +117,14 @@ def test_a_batch_that_yields_hands_its_remainder_to_the_next_batch_with_the_newc
     assert seen == [[1], [101, 2, 3]] and batcher.resumed == 1
     assert batcher.waiting(0) == 0
     batcher.stop()
+
+
+def test_stopping_with_a_remainder_in_hand_fails_its_caller_instead_of_hanging():
+    def run_batch(items):
+        threading.Thread(target=batcher.stop).start()
+        time.sleep(0.1)  # stop() has begun: the worker ends after this batch
+        return [Unfinished(items[0] + 100)]
+
+    batcher = MicroBatcher(run_batch, key=lambda item: 0)
+    with pytest.raises(RuntimeError, match="stopped before this request finished"):
+        batcher.submit(1).result(timeout=10)
