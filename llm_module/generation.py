@@ -229,7 +229,8 @@ def row_min_new_tokens(prompt_len: int, minimums: list[int], eos_ids: set[int]):
             early = (input_ids.shape[1] - prompt_len < limits).to(scores.device)
             if eos and bool(early.any()):
                 scores = scores.clone()
-                scores[early.nonzero(as_tuple=True)[0][:, None], torch.tensor(eos)] = -float("inf")
+                rows, columns = early.nonzero(as_tuple=True)[0], torch.tensor(eos, device=scores.device)
+                scores[rows[:, None], columns] = -float("inf")
             return scores
 
     return _RowMinNewTokens()
