@@ -422,7 +422,7 @@ class Engine:
     def _generate_rows(self, template: GenerationRequest, rows: list, may_yield: bool = False) -> list:
         """Each row's completion; with ``may_yield``, the tokens so far of rows a yield cut short."""
         import torch
-        from transformers import LogitsProcessorList, StoppingCriteriaList
+        from transformers import StoppingCriteriaList
 
         tokenizer, model = self._loaded.tokenizer, self._model
         row_adapters = [r.adapter for r, _, _ in rows]
@@ -435,11 +435,7 @@ class Engine:
         criteria, budgets = [], [options.get("max_new_tokens", 0) - len(p) for p in partials]
         if any(partials):  # resumed rows have fewer tokens to go, and may end sooner
             criteria.append(row_budgets(prompt_len, budgets))
-            if "min_new_tokens" in options:
-                least = options.pop("min_new_tokens")
-                minimums = [max(0, least - len(p)) for p in partials]
-                extra["logits_processor"] = LogitsProcessorList(
-                    [row_min_new_tokens(prompt_len, minimums, self._eos_ids())])
+        extra.update(self._min_length_processor(options, prompt_len, partials))
         yielder = None
         if may_yield:
             key, room = template.batch_key(), self.max_batch - len(rows)
@@ -461,6 +457,17 @@ class Engine:
             return [self._decode(ids, template.stop) if ends & set(ids) or len(ids) >= options["max_new_tokens"]
                     else ids for ids in new]
         return [self._decode(ids, template.stop) for ids in new]
+
+    def _min_length_processor(self, options: dict, prompt_len: int, partials: list[list[int]]) -> dict:
+        """generate kwargs that hold back end-of-sequence until each row has ``min_new_tokens``
+        (less the tokens a resumed row already has); takes the option out of ``options``."""
+        from transformers import LogitsProcessorList
+
+        least = options.pop("min_new_tokens", 0)
+        minimums = [max(0, least - len(p)) for p in partials]
+        if not any(minimums):
+            return {}
+        return {"logits_processor": LogitsProcessorList([row_min_new_tokens(prompt_len, minimums, self._eos_ids())])}
 
     def _decode(self, ids: list[int], stop: list[str]) -> str:
         return cut_at_stop(self._loaded.tokenizer.decode(ids, skip_special_tokens=True), stop)
@@ -541,6 +548,7 @@ class Engine:
                     options = dict(request.options)
                     self._fit_context(options, enc["input_ids"].shape[1])
                     adapters, extra = self._adapter_rows([request.adapter])
+                    extra.update(self._min_length_processor(options, enc["input_ids"].shape[1], [[]]))
                     if request.seed is not None:
                         torch.manual_seed(request.seed)
                     with adapters:

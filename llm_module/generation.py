@@ -218,19 +218,30 @@ def row_budgets(prompt_len: int, budgets: list[int]):
 
 
 def row_min_new_tokens(prompt_len: int, minimums: list[int], eos_ids: set[int]):
-    """A logits processor that keeps row ``i`` from ending before ``minimums[i]`` new tokens."""
+    """A logits processor that keeps row ``i`` from ending before ``minimums[i]`` new tokens.
+
+    It stands in for transformers' own min-length processors, which build a vocabulary-sized mask
+    at every step (~0.7 ms of a ~20 ms CPU decoding step); this one touches the end-of-sequence
+    columns only, and nothing once every row is past its minimum. Rows beyond ``len(minimums)``
+    (beam search expands each row into consecutive beams) share their source row's minimum.
+    """
     import torch
     from transformers import LogitsProcessor
 
-    limits, eos = torch.tensor(minimums), sorted(eos_ids)
+    eos, last_needed = sorted(eos_ids), max(minimums, default=0)
+    columns: dict = {}  # eos ids as a tensor, per device
 
     class _RowMinNewTokens(LogitsProcessor):
         def __call__(self, input_ids, scores):
-            early = (input_ids.shape[1] - prompt_len < limits).to(scores.device)
-            if eos and bool(early.any()):
-                scores = scores.clone()
-                rows, columns = early.nonzero(as_tuple=True)[0], torch.tensor(eos, device=scores.device)
-                scores[rows[:, None], columns] = -float("inf")
+            new_tokens = input_ids.shape[1] - prompt_len
+            if not eos or new_tokens >= last_needed:
+                return scores
+            per_source = input_ids.shape[0] // len(minimums)
+            rows = [i for i in range(input_ids.shape[0]) if new_tokens < minimums[i // per_source]]
+            if scores.device not in columns:
+                columns[scores.device] = torch.tensor(eos, device=scores.device)
+            scores = scores.clone()
+            scores[torch.tensor(rows, device=scores.device)[:, None], columns[scores.device]] = -float("inf")
             return scores
 
     return _RowMinNewTokens()

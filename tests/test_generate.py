@@ -187,3 +187,47 @@ def test_resumed_rows_keep_their_own_minimum_length():
     assert scores[0, 2] == -float("inf") and scores[1, 2] == 0 and bool((scores[:, [0, 1, 3]] == 0).all())
     later = processor(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 4))  # 3 new tokens
     assert bool((later == 0).all())
+
+
+def test_min_new_tokens_processor_masks_what_transformers_masks():
+    """The engine's own min-length processor (end-of-sequence columns only) gives the scores that
+    transformers' vocabulary-wide one gives, for plain rows and for rows expanded into beams."""
+    import torch
+    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
+
+    from llm_module.generation import row_min_new_tokens
+
+    ours = row_min_new_tokens(prompt_len=4, minimums=[3, 3], eos_ids={2, 5})
+    theirs = MinNewTokensLengthLogitsProcessor(4, 3, [2, 5])
+    scores = torch.randn(6, 9)  # 2 prompts x 3 beams
+    for length in range(4, 9):
+        ids = torch.zeros(6, length, dtype=torch.long)
+        assert torch.equal(ours(ids, scores), theirs(ids, scores)), length
+    assert ours(torch.zeros(6, 5, dtype=torch.long), scores)[:, [2, 5]].isinf().all()
+
+
+def test_min_new_tokens_holds_back_end_of_sequence_like_transformers(tiny_model_dir, tmp_path):
+    """With end-of-sequence set to a token greedy decoding reaches early, min_new_tokens must carry
+    generation past it, to the very tokens transformers' own processors give."""
+    import torch
+
+    eng = Engine(state_file=StateFile(tmp_path / "state.json"))
+    eng.setup(str(tiny_model_dir))
+    try:
+        tokenizer, model = eng.tokenizer, eng._loaded.model
+        enc = tokenizer(["Hello there", "A longer prompt here"], return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            free = model.generate(**enc, do_sample=False, max_new_tokens=4, pad_token_id=tokenizer.pad_token_id)
+        model.generation_config.eos_token_id = int(free[0, -2])  # row 0 would end after 3 tokens
+        options = {"do_sample": False, "max_new_tokens": 8, "return_full_text": False}
+        ended = eng.generate("Hello there", **options)[0]["generated_text"]
+        held = eng.generate(["Hello there", "A longer prompt here"], min_new_tokens=8, **options)
+        with torch.inference_mode():
+            expected = model.generate(**enc, do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                                      pad_token_id=tokenizer.pad_token_id)[:, enc["input_ids"].shape[1]:]
+        texts = [r[0]["generated_text"] for r in held]
+        assert texts == tokenizer.batch_decode(expected, skip_special_tokens=True)
+        assert len(tokenizer(texts[0], add_special_tokens=False)["input_ids"]) > len(
+            tokenizer(ended, add_special_tokens=False)["input_ids"])
+    finally:
+        eng.close()
