@@ -75,21 +75,68 @@ class WeightOnlyLinear(nn.Linear):
         else:
             dense_weight = linear.weight.detach().to(COMPUTE_DTYPE) if dense else None
         self.register_buffer("dense_weight", dense_weight, persistent=False)
+        self.input_cast: SharedInputCast | None = None  # set when siblings share this layer's input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
-        if self.dense_weight is not None and flat.shape[0] >= DENSE_MIN_ROWS:
-            out = torch.nn.functional.linear(flat, self.dense_weight)
+        # A decode step calls this ~210 times on one row, where a kernel call takes 6-25 us: so the
+        # tensors come straight from the module's dicts (nn.Module.__getattr__ costs ~1 us each)
+        # and sibling projections of one input share its bf16 copy (SharedInputCast).
+        params, buffers = self._parameters, self._buffers
+        flat = self.input_cast.cast(x) if self.input_cast is not None else _as_compute_rows(x)
+        dense = buffers["dense_weight"]
+        if dense is not None and flat.shape[0] >= DENSE_MIN_ROWS:
+            out = torch.nn.functional.linear(flat, dense)
         elif self.mode == "int8":
-            out = torch._weight_int8pack_mm(flat, self.weight, self.scales)
+            out = torch._weight_int8pack_mm(flat, params["weight"], buffers["scales"])
         else:
-            out = torch._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales)
-        out = out.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+            out = torch._weight_int4pack_mm_for_cpu(flat, params["weight"], self.group_size, buffers["scales"])
+        out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        bias = params.get("bias")  # absent when the layer has none
+        return out if bias is None else out + bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+
+
+def _as_compute_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).to(COMPUTE_DTYPE)
+
+
+class SharedInputCast:
+    """The bf16 rows of the last input seen, for projections that read the same tensor in turn
+    (q/k/v of one attention block, gate/up of one MLP): each input is cast once, not per layer.
+
+    Matched by identity: the model code hands the very same tensor object to each sibling and
+    never changes it in place between their calls. Dropped once all ``readers`` have had it, so
+    no layer holds a (prompt-sized) input past its own forward.
+    """
+
+    def __init__(self, readers: int) -> None:
+        self.readers = readers
+        self.last: tuple | None = None  # (input, its bf16 rows, readers still to come), set at once
+
+    def cast(self, x: torch.Tensor) -> torch.Tensor:
+        last = self.last  # one read: another thread's forward may replace it meanwhile
+        if last is not None and last[0] is x:
+            self.last = (x, last[1], last[2] - 1) if last[2] > 1 else None
+            return last[1]
+        rows = _as_compute_rows(x)
+        self.last = (x, rows, self.readers - 1)
+        return rows
+
+
+# Projections that one block feeds with the same input, in transformers' Llama-family code.
+SIBLING_PROJECTIONS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
+
+
+def _share_input_casts(model: nn.Module) -> None:
+    for parent in model.modules():
+        for names in SIBLING_PROJECTIONS:
+            siblings = [getattr(parent, n, None) for n in names]
+            if all(isinstance(m, WeightOnlyLinear) for m in siblings):
+                shared = SharedInputCast(readers=len(siblings))
+                for module in siblings:
+                    module.input_cast = shared
 
 
 def _quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +204,7 @@ def quantize_linears(model: nn.Module, mode: str = DEFAULT_QUANT_MODE, *, skip: 
         fresh.update({f"{name}.weight": layer.weight.data, f"{name}.scales": layer.scales})
         if layer.dense_weight is not None:
             fresh[f"{name}.dense"] = layer.dense_weight
+    _share_input_casts(model)
     if cache_file is not None and not saved and fresh:
         _write_packed(cache_file, fresh)
     if targets and getattr(model.config, "tie_word_embeddings", False):

@@ -18,6 +18,7 @@ from torch import nn
 from llm_module.speed import (
     COMPUTE_DTYPE,
     INT4_GROUP_SIZE,
+    SharedInputCast,
     WeightOnlyLinear,
     is_gguf_conversion,
     quantize_linears,
@@ -105,6 +106,34 @@ def test_lora_still_applies_on_a_quantized_base(tiny_model_dir, tiny_adapter_dir
     assert (tuned - plain).abs().max() > 1e-2  # the adapter changes the output
     torch.testing.assert_close(mixed[0], tuned[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mixed[1], plain[0], rtol=1e-4, atol=1e-4)
+
+
+def test_sibling_projections_share_one_cast_of_their_input(tiny_model_dir):
+    """q/k/v (and gate/up) cast their common input to bf16 once; the logits are bitwise those of
+    layers casting for themselves, and a sibling handed another tensor casts that one."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    quantize_linears(model, "int4")
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attention.q_proj.input_cast is attention.v_proj.input_cast is not None
+    assert mlp.gate_proj.input_cast is mlp.up_proj.input_cast is not mlp.down_proj.input_cast
+    ids = torch.tensor([[1, 42, 7, 99, 3], [5, 6, 7, 8, 9]])
+    with torch.inference_mode():
+        shared = model(ids).logits
+        for module in model.modules():
+            if isinstance(module, WeightOnlyLinear):
+                module.input_cast = None
+        alone = model(ids).logits
+    assert torch.equal(shared, alone)
+
+    first, second = WeightOnlyLinear(_linear(), "int4"), WeightOnlyLinear(_linear(64), "int4")
+    first.input_cast = second.input_cast = SharedInputCast(readers=2)
+    x, y = torch.randn(3, 128), torch.randn(3, 128)
+    first(x)
+    assert torch.equal(second(y), WeightOnlyLinear(_linear(64), "int4")(y))
+    first(x), second(x)
+    assert first.input_cast.last is None  # both siblings read it: the input is not held any longer
 
 
 def test_quant_mode_policy(monkeypatch):
