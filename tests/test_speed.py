@@ -23,6 +23,7 @@ from llm_module.speed import (
     is_gguf_conversion,
     quantize_linears,
     resolve_quant_mode,
+    use_fused_rms_norm,
 )
 
 HELD_OUT = Path(__file__).resolve().parents[1] / "bench" / "data" / "heldout.txt"
@@ -134,6 +135,23 @@ def test_sibling_projections_share_one_cast_of_their_input(tiny_model_dir):
     assert torch.equal(second(y), WeightOnlyLinear(_linear(64), "int4")(y))
     first(x), second(x)
     assert first.input_cast.last is None  # both siblings read it: the input is not held any longer
+
+
+def test_fused_rms_norm_is_bitwise_transformers_rms_norm(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for norm in (model.model.norm, reference.model.norm):
+            norm.weight.copy_(torch.linspace(0.5, 1.5, norm.weight.numel()))  # not all ones
+    assert use_fused_rms_norm(model) == 2 * 2 + 1  # two per layer and the final one
+    x = torch.randn(2, 5, model.config.hidden_size) * 3
+    assert torch.equal(model.model.norm(x), reference.model.norm(x))
+    ids = torch.tensor([[1, 42, 7, 99, 3]])
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    assert use_fused_rms_norm(model.to(torch.bfloat16)) == 0  # other dtypes keep transformers' code
 
 
 def test_quant_mode_policy(monkeypatch):
