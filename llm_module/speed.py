@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import types
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -304,21 +305,16 @@ def use_fused_rms_norm(model: nn.Module) -> int:
         weight = getattr(module, "weight", None)
         if (type(module).__name__ in PLAIN_RMS_NORMS and isinstance(weight, torch.Tensor)
                 and weight.dtype == torch.float32 and hasattr(module, "variance_epsilon")):
-            module.forward = _fused_rms_norm_forward(module)
+            module.forward = types.MethodType(_fused_rms_norm_forward, module)  # a copy rebinds it
             count += 1
     return count
 
 
-def _fused_rms_norm_forward(module: nn.Module):
-    params, eps = module._parameters, module.variance_epsilon
-
-    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.dtype != torch.float32:
-            return type(module).forward(module, hidden_states)
-        weight = params["weight"]
-        return torch.rms_norm(hidden_states, weight.shape, weight, eps)
-
-    return forward
+def _fused_rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    if hidden_states.dtype != torch.float32:
+        return type(self).forward(self, hidden_states)
+    weight = self._parameters["weight"]
+    return torch.rms_norm(hidden_states, weight.shape, weight, self.variance_epsilon)
 
 
 def set_thread_count(threads: int | None = None) -> int:

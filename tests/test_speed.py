@@ -151,6 +151,10 @@ def test_fused_rms_norm_is_bitwise_transformers_rms_norm(tiny_model_dir):
     ids = torch.tensor([[1, 42, 7, 99, 3]])
     with torch.inference_mode():
         assert torch.equal(model(ids).logits, reference(ids).logits)
+    copied = copy.deepcopy(model)  # its norms read its own weights
+    with torch.no_grad():
+        copied.model.norm.weight.mul_(2)
+    assert not torch.equal(copied.model.norm(x), model.model.norm(x))
     assert use_fused_rms_norm(model.to(torch.bfloat16)) == 0  # other dtypes keep transformers' code
 
 
