@@ -62,7 +62,7 @@ def test_layers_are_restored_after_the_block(tuned):
             raise ValueError("a failed generate")
         after = tuned(IDS).logits
     torch.testing.assert_close(after, before)
-    assert all(not h for m in tuned.modules() for h in [m._forward_hooks])
+    assert not any("forward" in vars(m) for m in tuned.modules())
 
 
 def test_beam_search_rows_follow_their_adapter(tuned):
