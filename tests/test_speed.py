@@ -256,7 +256,7 @@ def test_dense_prefill_copy_serves_long_inputs_and_the_packed_weight_short_ones(
 
     linear = _linear()
     packed = WeightOnlyLinear(linear, "int4")
-    both = WeightOnlyLinear(linear, "int4", packed=(packed.weight, packed.scales), dense=True)
+    both = WeightOnlyLinear(linear, "int4", packed=packed.packed_tensors, dense=True)
     short = torch.randn(DENSE_MIN_ROWS - 1, 128)
     torch.testing.assert_close(both(short), packed(short), rtol=0, atol=0)  # decoding: the int4 kernel
     long = torch.randn(DENSE_MIN_ROWS, 128)
