@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -51,14 +53,30 @@ def _build() -> ModuleType | None:
     if not _cpu_has(CPU_FLAGS):
         return None
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import get_default_build_root, load
 
-        return load(name="llm_module_int4_mm", sources=[str(SOURCE)],
+        # Per Python and torch version: a build against another torch's headers must not be loaded.
+        tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+        build_dir = Path(get_default_build_root()) / f"llm_module_int4_mm-{tag}"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        _clear_stale_lock(build_dir / "lock")
+        return load(name="llm_module_int4_mm", sources=[str(SOURCE)], build_directory=str(build_dir),
                     extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
                     extra_ldflags=["-fopenmp"])
     except Exception as exc:  # no compiler or ninja, an old compiler: torch's kernel still works
         log.warning("The int4 kernel could not be built (%s); packed layers use torch's kernel.", exc)
         return None
+
+
+def _clear_stale_lock(lock: Path, stale_s: float = 600) -> None:
+    """torch waits without a timeout while a build's lock file exists; one left by a build that was
+    killed would hang every later setup, so a lock older than any real build is removed."""
+    try:
+        if time.time() - lock.stat().st_mtime > stale_s:
+            log.warning("Removing a stale int4 kernel build lock %s", lock)
+            lock.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _cpu_has(flags: tuple[str, ...]) -> bool:

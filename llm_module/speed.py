@@ -4,9 +4,10 @@ Why weight-only quantization: on a CPU, decoding one token reads every weight on
 model is bound by memory traffic and per-op overhead, not arithmetic. The default model ships as
 a GGUF whose linear weights are 4-bit with one scale and minimum per 32 values (Q4_1): packing
 them back to 4 bits with the same grouping loses (almost) nothing and reads 8x fewer bytes than
-fp32. torch's CPU kernels for packed int4/int8 weights want bf16 activations, so each quantized
-layer casts its input to bf16 for the matmul only; the residual stream, norms and attention
-stay in the model's dtype.
+fp32. The packed-weight CPU kernels (torch's, and for int4 on AVX-512 BF16 CPUs our own in
+int4_kernel, which reads each weight block once for up to 8 rows) want bf16 activations, so each
+quantized layer casts its input to bf16 for the matmul only; the residual stream, norms and
+attention stay in the model's dtype.
 
 Every choice here was kept because bench/ measured it faster on the reference CPU; see
 bench/README.md for the figures and for what was tried and dropped.

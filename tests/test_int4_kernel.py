@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -64,3 +66,15 @@ def test_bad_input_is_an_error_not_a_crash(kernel):
         kernel.int4_mm(torch.randn(2, 32), *packed)
     with pytest.raises(RuntimeError, match="layout"):
         kernel.int4_mm(torch.randn(2, 64, dtype=torch.bfloat16), *packed)
+
+
+def test_a_stale_build_lock_is_removed_and_a_live_one_kept(tmp_path):
+    stale, live = tmp_path / "stale", tmp_path / "live"
+    stale.touch()
+    live.touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    int4_kernel._clear_stale_lock(stale)
+    int4_kernel._clear_stale_lock(live)
+    int4_kernel._clear_stale_lock(tmp_path / "absent")
+    assert not stale.exists() and live.exists()
