@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -60,12 +61,21 @@ def _build() -> ModuleType | None:
         build_dir = Path(get_default_build_root()) / f"llm_module_int4_mm-{tag}"
         build_dir.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(build_dir / "lock")
+        _put_ninja_on_path()
         return load(name="llm_module_int4_mm", sources=[str(SOURCE)], build_directory=str(build_dir),
                     extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
                     extra_ldflags=["-fopenmp"])
     except Exception as exc:  # no compiler or ninja, an old compiler: torch's kernel still works
         log.warning("The int4 kernel could not be built (%s); packed layers use torch's kernel.", exc)
         return None
+
+
+def _put_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; pip installs it beside this interpreter, which is not on
+    PATH when a virtualenv's python is run by its full path (as ``make`` does)."""
+    scripts = Path(sys.executable).parent
+    if shutil.which("ninja") is None and (scripts / "ninja").exists():
+        os.environ["PATH"] = os.environ.get("PATH", "") + os.pathsep + str(scripts)
 
 
 def _clear_stale_lock(lock: Path, stale_s: float = 600) -> None:
