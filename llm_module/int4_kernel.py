@@ -58,7 +58,8 @@ def _build() -> ModuleType | None:
 
         # Per Python and torch version: a build against another torch's headers must not be loaded.
         tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
-        build_dir = Path(get_default_build_root()) / f"llm_module_int4_mm-{tag}"
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # as torch's own loader
+        build_dir = Path(root) / f"llm_module_int4_mm-{tag}"
         build_dir.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(build_dir / "lock")
         _put_ninja_on_path()
