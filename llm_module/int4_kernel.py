@@ -1,17 +1,21 @@
-"""A batched int4 matmul for CPUs with AVX-512 BF16, compiled from ``csrc/int4_mm.cpp`` on first use.
+"""A batched int4 matmul for CPUs with AVX-512 VNNI, compiled from ``csrc/int4_mm.cpp`` on first use.
 
 Why our own: torch's packed int4 CPU kernel works on tiles of 4 rows and unpacks the weight again
-for each tile, so 8 rows (8 callers in one batch) cost ~3x one row, and it rounds its output to
-bf16. This one unpacks each block of 4-bit codes once for up to 8 rows, multiplies the codes
-(0-15, exact in bf16) with the bf16 activations by AVX-512 BF16 dot products in fp32, then applies
-each group's scale and minimum in fp32: ``out = scale * sum(code * x) + min * sum(x)``. On the
-reference CPU: 1.9x faster at 8 rows, a little faster at one, and the fp32 output is closer to the
-exact product (bench/findings.md).
+for each tile, so 8 rows (8 callers in one batch) cost ~3x one row, and it converts every 4-bit
+code to bf16 before multiplying. This one does what llama.cpp does with a Q4_1 weight: each input
+row is quantized to int8 per group of 32 (``q = round(x * 127 / amax)``), and the unsigned 4-bit
+codes are multiplied with it exactly in int32 by VNNI dot products (64 products an instruction),
+each block of codes unpacked once for up to 8 rows; each group's weight scale, input step and
+weight minimum are then applied in fp32: ``out = scale * d * sum(code * q) + min * d * sum(q)``.
+``parts=2`` adds a second int8 code per input for the first's rounding error (near-exact input,
+~1.7x the work at 8 rows); speed.FINE_INPUT_PROJECTIONS names the layers that need it. Per layer on
+the reference CPU, one part runs ~1.8x faster than this kernel's earlier bf16 version at one row
+and ~1.5x at 8 rows; two parts about as fast as it (bench/findings.md).
 
 It is built with torch's C++ extension loader (a compiler and ninja, ~40 s once per torch version,
-cached in torch's extension directory and shared by every process). Where the CPU lacks AVX-512 BF16,
-the build fails, or ``LLM_MODULE_INT4_KERNEL=0`` is set, :func:`kernel` returns None and the packed
-layers use torch's own kernel.
+cached in torch's extension directory and shared by every process). Where the CPU lacks AVX-512
+VNNI, the build fails, or ``LLM_MODULE_INT4_KERNEL=0`` is set, :func:`kernel` returns None and the
+packed layers use torch's own kernel.
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ log = logging.getLogger(__name__)
 
 KERNEL_ENV = "LLM_MODULE_INT4_KERNEL"  # 0 turns the kernel off (torch's kernel is used)
 SOURCE = Path(__file__).with_name("csrc") / "int4_mm.cpp"
+MODULE_NAME = "llm_module_int4_q8"  # a new name per kernel design: an old build is never loaded
 GROUP_SIZE = 32  # inputs per scale/minimum group, fixed by the kernel
 BLOCK_COLUMNS = 16  # output columns per block, fixed by the kernel
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-LAYOUT = "llm_module-int4-v2"  # names the packed layout in the packed-weight cache's key: bump on change
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+LAYOUT = "llm_module-int4-v3"  # names the packed layout in the packed-weight cache's key: bump on change
 
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
@@ -59,12 +64,12 @@ def _build() -> ModuleType | None:
         # Per Python and torch version: a build against another torch's headers must not be loaded.
         tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
         root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # as torch's own loader
-        build_dir = Path(root) / f"llm_module_int4_mm-{tag}"
+        build_dir = Path(root) / f"{MODULE_NAME}-{tag}"
         build_dir.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(build_dir / "lock")
         _put_ninja_on_path()
-        return load(name="llm_module_int4_mm", sources=[str(SOURCE)], build_directory=str(build_dir),
-                    extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
+        return load(name=MODULE_NAME, sources=[str(SOURCE)], build_directory=str(build_dir),
+                    extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
                     extra_ldflags=["-fopenmp"])
     except Exception as exc:  # no compiler or ninja, an old compiler: torch's kernel still works
         log.warning("The int4 kernel could not be built (%s); packed layers use torch's kernel.", exc)
@@ -110,10 +115,11 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> tuple
     kept in float16, a GGUF Q4 block's own precision (torch's kernel keeps them in bf16)."""
     n, k = codes.shape
     blocks, groups = n // BLOCK_COLUMNS, k // GROUP_SIZE
-    # Per block and group, 16 input pairs of 32 codes each: column 0's pair, column 1's pair, ...
-    pairs = codes.to(torch.uint8).view(blocks, BLOCK_COLUMNS, groups, GROUP_SIZE // 2, 2)
-    pairs = pairs.permute(0, 2, 3, 1, 4).reshape(blocks, groups, GROUP_SIZE // 2, 32)
-    packed = (pairs[..., :16] | (pairs[..., 16:] << 4)).contiguous()  # codes 0-15 low, 16-31 high
+    # Per block and group, inputs 0-15 and 16-31 as 4 chunks (4 inputs x 16 columns, column-major
+    # fours) each: one chunk's low and high nibbles are the two halves' VNNI operands.
+    fours = codes.to(torch.uint8).view(blocks, BLOCK_COLUMNS, groups, 2, 4, 4)
+    fours = fours.permute(0, 2, 3, 4, 1, 5).reshape(blocks, groups, 2, 4, 64)
+    packed = (fours[:, :, 0] | (fours[:, :, 1] << 4)).contiguous()
 
     def by_block(t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.float16).view(blocks, BLOCK_COLUMNS, groups).permute(0, 2, 1).contiguous()
@@ -121,9 +127,11 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> tuple
     return packed, by_block(scales), by_block(mins)
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[rows, K]`` (cast to bf16 if needed) times the packed weight: float32 ``[rows, N]``.
+def matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+           parts: int = 1) -> torch.Tensor:
+    """``x`` ``[rows, K]`` (read as float32, quantized in ``parts`` int8 parts: 1 or 2) times the
+    packed weight: float32 ``[rows, N]``.
 
     Only for weights packed after :func:`kernel` returned the module.
     """
-    return _loaded["module"].int4_mm(x.to(torch.bfloat16).contiguous(), packed, scales, mins)
+    return _loaded["module"].int4_mm(x.float().contiguous(), packed, scales, mins, parts)

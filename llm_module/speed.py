@@ -4,10 +4,10 @@ Why weight-only quantization: on a CPU, decoding one token reads every weight on
 model is bound by memory traffic and per-op overhead, not arithmetic. The default model ships as
 a GGUF whose linear weights are 4-bit with one scale and minimum per 32 values (Q4_1): packing
 them back to 4 bits with the same grouping loses (almost) nothing and reads 8x fewer bytes than
-fp32. The packed-weight CPU kernels (torch's, and for int4 on AVX-512 BF16 CPUs our own in
-int4_kernel, which reads each weight block once for up to 8 rows) want bf16 activations, so each
-quantized layer casts its input to bf16 for the matmul only; the residual stream, norms and
-attention stay in the model's dtype.
+fp32. For int4 on AVX-512 VNNI CPUs our own kernel (int4_kernel) reads each weight block once for
+up to 8 rows and quantizes the fp32 input rows to int8 itself, as llama.cpp does; torch's packed
+kernels (int8, and int4 elsewhere) want bf16 activations, so those layers cast their input to bf16
+for the matmul only. The residual stream, norms and attention stay in the model's dtype.
 
 Every choice here was kept because bench/ measured it faster on the reference CPU; see
 bench/README.md for the figures and for what was tried and dropped.
@@ -42,6 +42,13 @@ COMPUTE_DTYPE = torch.bfloat16  # what the packed-weight CPU kernels are fast wi
 # From this many rows a matmul is bound by arithmetic, not by reading the weight, and a dense bf16
 # copy runs 2-3x faster than the int4 kernel (prefill); below it the packed weight wins (decoding).
 DENSE_MIN_ROWS = 16
+# Our int4 kernel quantizes each input row to int8 per group of 32 (as llama.cpp does). Two kinds
+# of layer lost too much that way, so their inputs are quantized in two parts (the second holds the
+# first's rounding error: ~1e-5 of the group's largest value): the MLP's output projection, whose
+# input (the gated activation) has heavy tails (held-out perplexity +1.3 % vs fp32 with it in one
+# part), and q/k/v, without which the demo's near-tie question ("What is the capital of France?")
+# lost its first token and answered in French. bench/findings.md has the figures.
+FINE_INPUT_PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "down_proj"})
 
 
 class WeightOnlyLinear(nn.Linear):
@@ -53,13 +60,16 @@ class WeightOnlyLinear(nn.Linear):
 
     def __init__(self, linear: nn.Linear, mode: str, group_size: int = INT4_GROUP_SIZE,
                  packed: tuple[torch.Tensor, ...] | None = None,
-                 dense: bool | torch.Tensor = False) -> None:
+                 dense: bool | torch.Tensor = False, fine_input: bool = False) -> None:
         """Pack ``linear``'s weight, or take ``packed`` (``packed_tensors`` of an earlier packing).
 
         int4 weights take llm_module's own kernel's layout where it runs (int4_kernel), else torch's.
 
         ``dense`` also keeps a bf16 copy of the weight for inputs of ``DENSE_MIN_ROWS`` rows or more:
         True makes it from ``linear``'s weight, a tensor is that copy saved from an earlier packing.
+
+        ``fine_input``: our kernel quantizes the input in two int8 parts instead of one (see
+        ``FINE_INPUT_PROJECTIONS``).
         """
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -86,18 +96,21 @@ class WeightOnlyLinear(nn.Linear):
             dense_weight = linear.weight.detach().to(COMPUTE_DTYPE) if dense else None
         self.register_buffer("dense_weight", dense_weight, persistent=False)
         self.input_cast: SharedInputCast | None = None  # set when siblings share this layer's input
+        self.input_parts = 2 if fine_input else 1  # int8 parts our kernel quantizes the input in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A decode step calls this ~210 times on one row, where a kernel call takes 6-25 us: so the
         # tensors come straight from the module's dicts (nn.Module.__getattr__ costs ~1 us each)
         # and sibling projections of one input share its bf16 copy (SharedInputCast).
         params, buffers = self._parameters, self._buffers
-        flat = self.input_cast.cast(x) if self.input_cast is not None else _as_compute_rows(x)
         dense = buffers["dense_weight"]
-        if dense is not None and flat.shape[0] >= DENSE_MIN_ROWS:
+        own_kernel = buffers["mins"] is not None and (dense is None or x.numel() < DENSE_MIN_ROWS * x.shape[-1])
+        flat = (x.reshape(-1, x.shape[-1]) if own_kernel else  # it quantizes the fp32 rows itself
+                self.input_cast.cast(x) if self.input_cast is not None else _as_compute_rows(x))
+        if own_kernel:
+            out = int4_kernel.matmul(flat, params["weight"], buffers["scales"], buffers["mins"], self.input_parts)
+        elif dense is not None and flat.shape[0] >= DENSE_MIN_ROWS:
             out = torch.nn.functional.linear(flat, dense)
-        elif buffers["mins"] is not None:
-            out = int4_kernel.matmul(flat, params["weight"], buffers["scales"], buffers["mins"])
         elif self.mode == "int8":
             out = torch._weight_int8pack_mm(flat, params["weight"], buffers["scales"])
         else:
@@ -223,7 +236,8 @@ def quantize_linears(model: nn.Module, mode: str = DEFAULT_QUANT_MODE, *, skip: 
         dense = dense_prefill and module is not head
         if dense and saved:
             dense = saved.get(f"{name}.dense", True)
-        layer = WeightOnlyLinear(module, layer_mode, packed=packed, dense=dense)
+        layer = WeightOnlyLinear(module, layer_mode, packed=packed, dense=dense,
+                                 fine_input=child in FINE_INPUT_PROJECTIONS)
         setattr(parent, child, layer)
         parts = zip(PACKED_PARTS, layer.packed_tensors, strict=False)  # 2 or 3 by the layout
         fresh.update({f"{name}.{part}": tensor for part, tensor in parts})

@@ -115,12 +115,23 @@ def _answer_nll(model, input_ids: list[int], answer_ids: list[int], cache=None) 
 
 @pytest.mark.slow
 def test_default_model_answer_likelihood_within_one_percent(tmp_path):
-    """Teacher-forced greedy answers, scored after the whole prompt and after the cached prefix."""
+    """Teacher-forced greedy answers, scored after the whole prompt and after the cached prefix.
+
+    The int4 kernel quantizes most layers' inputs to one int8 part: tiny differences between two
+    equally valid computations can flip that rounding, which moved single answers' likelihoods by up
+    to 1.4 % (0.35 % with bf16 inputs; bench/findings.md). So this reads every input in two parts
+    (~1e-5 of its largest value) to bound what the cache itself changes on the real int4 weights.
+    """
     from transformers import DynamicCache
+
+    from llm_module.speed import WeightOnlyLinear
 
     engine = Engine(state_file=StateFile(tmp_path / "state.json"), batching=False)
     engine.setup()
     tokenizer, model = engine._loaded.tokenizer, engine._model
+    for layer in model.modules():
+        if isinstance(layer, WeightOnlyLinear):
+            layer.input_parts = 2
     ratios = []
     for question in ["Why is the sky blue?", "Give me a recipe for pancakes.", "What makes a good teacher?"]:
         request = engine.build_request(question, chat=True)

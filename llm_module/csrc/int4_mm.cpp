@@ -1,12 +1,15 @@
-// Batched int4 x bf16 matmul for CPUs with AVX-512 BF16 (see llm_module/int4_kernel.py for why).
+// Batched int4 x int8 matmul for CPUs with AVX-512 VNNI (see llm_module/int4_kernel.py for why).
 //
-// Weight layout, per block of 16 output columns (nb) and group of 32 inputs (g):
-//   packed [NB, G, 16, 16] uint8: for each of the group's 16 input pairs, 16 bytes holding the 32
-//     codes (column-major pairs: col0 k, col0 k+1, col1 k, ...) as low nibbles (codes 0-15 of the
-//     32) and high nibbles (codes 16-31);
-//   scales, mins [NB, G, 16] float16 (a GGUF block's own precision): w = code * scale + min.
-// out[m, n] = sum_g scale[n, g] * sum_k code[n, k] * x[m, k] + min[n, g] * sum_k x[m, k]
-// The codes are exact in bf16 and each product is exact in fp32; the sums run in fp32.
+// Weight layout, per block of 16 output columns (nb) and group of 32 inputs (g): 256 bytes, four
+// chunks of 64. Byte 4*j + i of chunk c holds column j's codes for inputs 4c+i (low nibble) and
+// 16+4c+i (high nibble) of the group: one chunk's nibbles are two VNNI operands of 16 columns x 4
+// inputs. scales, mins [NB, G, 16] float16 (a GGUF block's own precision): w = code * scale + min.
+//
+// The input rows are quantized per group of 32 to int8 (q = round(x * 127 / amax), d = amax / 127),
+// as llama.cpp does, and the codes (unsigned) are multiplied with them exactly in int32:
+//   out[m, n] = sum_g scale[n, g] * d[m, g] * sum_k code[n, k] * q[m, k] + min[n, g] * d[m, g] * sum_k q[m, k]
+// With two parts, a second int8 code per input holds the first's rounding error at 1/256 of its
+// step; the two dot products combine exactly in int32 (first * 256 + second, step d / 256).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -17,83 +20,129 @@
 
 namespace {
 
-constexpr int kCols = 16;   // output columns per block: one zmm of fp32
+constexpr int kCols = 16;   // output columns per block: one zmm of int32 / fp32
 constexpr int kGroup = 32;  // inputs per scale/min group
 constexpr int kMaxRows = 8; // rows computed per pass over the weights
-#ifndef PREFETCH
-#define PREFETCH 4
-#endif
+constexpr int kPrefetch = 4; // groups ahead
 
-template <int ROWS>
-void column_block(const uint16_t* x, int64_t K, const uint8_t* packed, const uint16_t* scales,
-                  const uint16_t* mins, const float* x_sums, int64_t G, float* out, int64_t N, int64_t nb) {
-  // Few rows leave the dot products' adds waiting on each other: split each row's sum in chains.
-  constexpr int CHAINS = ROWS >= 4 ? 1 : (ROWS == 1 ? 4 : 2);
-  // bf16 bit patterns of 0.0 .. 15.0, indexed by a code (twice: one table per 256-bit half).
-  const __m512i codes_to_bf16 = _mm512_set_epi16(
-      0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100,
-      0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000,
-      0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100,
-      0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000);
-  const __m256i low_nibble = _mm256_set1_epi16(0xF);
+inline __m512i broadcast4(const int8_t* q) {
+  int32_t four;
+  std::memcpy(&four, q, sizeof(four));
+  return _mm512_set1_epi32(four);
+}
+
+template <int ROWS, int PARTS>
+void column_block(const int8_t* q, int64_t K, const float* d, const float* sums, const uint8_t* packed,
+                  const uint16_t* scales, const uint16_t* mins, int64_t G, float* out, int64_t N, int64_t nb) {
+  // Few rows leave the dot products waiting on each other: split each row's sum in chains.
+  constexpr int CHAINS = ROWS == 1 ? 4 : (ROWS <= 3 ? 2 : 1);
+  const __m512i low_nibble = _mm512_set1_epi8(0x0F);
   __m512 acc[ROWS];
   for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_setzero_ps();
   const uint8_t* block = packed + nb * G * 256;
+  const uint16_t* block_scales = scales + nb * G * kCols;
+  const uint16_t* block_mins = mins + nb * G * kCols;
   for (int64_t g = 0; g < G; ++g) {
-    __m512 group_acc[ROWS * CHAINS];
-    for (int i = 0; i < ROWS * CHAINS; ++i) group_acc[i] = _mm512_setzero_ps();
-    for (int line = 0; line < 4; ++line) _mm_prefetch((const char*)(block + (g + PREFETCH) * 256 + line * 64), _MM_HINT_T0);
-    _mm_prefetch((const char*)(scales + (nb * G + g + PREFETCH) * kCols), _MM_HINT_T0);
-    _mm_prefetch((const char*)(mins + (nb * G + g + PREFETCH) * kCols), _MM_HINT_T0);
-    for (int pair = 0; pair < kGroup / 2; ++pair) {
-      const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(block + (g * 16 + pair) * 16)));
-      const __m512i codes = _mm512_inserti64x4(
-          _mm512_castsi256_si512(_mm256_and_si256(bytes, low_nibble)), _mm256_srli_epi16(bytes, 4), 1);
-      const __m512bh weights = (__m512bh)_mm512_permutexvar_epi16(codes, codes_to_bf16);
-      const int64_t k = g * kGroup + pair * 2;
+    for (int line = 0; line < 4; ++line) _mm_prefetch((const char*)(block + (g + kPrefetch) * 256 + line * 64), _MM_HINT_T0);
+    _mm_prefetch((const char*)(block_scales + (g + kPrefetch) * kCols), _MM_HINT_T0);
+    _mm_prefetch((const char*)(block_mins + (g + kPrefetch) * kCols), _MM_HINT_T0);
+    __m512i dots[ROWS * CHAINS], fine[PARTS == 2 ? ROWS : 1];
+    for (int i = 0; i < ROWS * CHAINS; ++i) dots[i] = _mm512_setzero_si512();
+    for (int m = 0; m < (PARTS == 2 ? ROWS : 1); ++m) fine[m] = _mm512_setzero_si512();
+    const int8_t* qg = q + g * kGroup;
+    for (int c = 0; c < 4; ++c) {
+      const __m512i bytes = _mm512_loadu_si512((const void*)(block + g * 256 + c * 64));
+      const __m512i low = _mm512_and_si512(bytes, low_nibble);
+      const __m512i high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibble);
       for (int m = 0; m < ROWS; ++m) {
-        uint32_t x_pair;
-        std::memcpy(&x_pair, x + m * K + k, sizeof(x_pair));
-        __m512& chain = group_acc[m * CHAINS + pair % CHAINS];
-        chain = _mm512_dpbf16_ps(chain, weights, (__m512bh)_mm512_set1_epi32((int)x_pair));
+        const int8_t* qm = qg + m * PARTS * K;
+        __m512i& first = dots[m * CHAINS + (2 * c) % CHAINS];
+        __m512i& second = dots[m * CHAINS + (2 * c + 1) % CHAINS];
+        first = _mm512_dpbusd_epi32(first, low, broadcast4(qm + 4 * c));
+        second = _mm512_dpbusd_epi32(second, high, broadcast4(qm + 16 + 4 * c));
+        if constexpr (PARTS == 2) {
+          fine[m] = _mm512_dpbusd_epi32(fine[m], low, broadcast4(qm + K + 4 * c));
+          fine[m] = _mm512_dpbusd_epi32(fine[m], high, broadcast4(qm + K + 16 + 4 * c));
+        }
       }
     }
-    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(scales + (nb * G + g) * kCols)));
-    const __m512 min = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(mins + (nb * G + g) * kCols)));
+    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(block_scales + g * kCols)));
+    const __m512 min = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(block_mins + g * kCols)));
     for (int m = 0; m < ROWS; ++m) {
-      __m512 sum = group_acc[m * CHAINS];
-      for (int c = 1; c < CHAINS; ++c) sum = _mm512_add_ps(sum, group_acc[m * CHAINS + c]);
-      acc[m] = _mm512_fmadd_ps(sum, scale, acc[m]);
-      acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(x_sums[m * G + g]), min, acc[m]);
+      __m512i dot = dots[m * CHAINS];
+      for (int c = 1; c < CHAINS; ++c) dot = _mm512_add_epi32(dot, dots[m * CHAINS + c]);
+      if constexpr (PARTS == 2) dot = _mm512_add_epi32(_mm512_slli_epi32(dot, 8), fine[m]);
+      const __m512 row_scale = _mm512_mul_ps(scale, _mm512_set1_ps(d[m * G + g]));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), row_scale, acc[m]);
+      acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(sums[m * G + g]), min, acc[m]);
     }
   }
   for (int m = 0; m < ROWS; ++m) _mm512_storeu_ps(out + m * N + nb * kCols, acc[m]);
 }
 
-template <int ROWS>
-void rows_pass(const uint16_t* x, int64_t K, const uint8_t* packed, const uint16_t* scales, const uint16_t* mins,
-               const float* x_sums, int64_t G, float* out, int64_t N) {
+template <int ROWS, int PARTS>
+void rows_pass(const int8_t* q, int64_t K, const float* d, const float* sums, const uint8_t* packed,
+               const uint16_t* scales, const uint16_t* mins, int64_t G, float* out, int64_t N) {
   at::parallel_for(0, N / kCols, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) column_block<ROWS>(x, K, packed, scales, mins, x_sums, G, out, N, nb);
+    for (int64_t nb = begin; nb < end; ++nb) column_block<ROWS, PARTS>(q, K, d, sums, packed, scales, mins, G, out, N, nb);
   });
 }
 
-using Pass = void (*)(const uint16_t*, int64_t, const uint8_t*, const uint16_t*, const uint16_t*, const float*,
-                      int64_t, float*, int64_t);
-constexpr Pass kPasses[kMaxRows] = {rows_pass<1>, rows_pass<2>, rows_pass<3>, rows_pass<4>,
-                                    rows_pass<5>, rows_pass<6>, rows_pass<7>, rows_pass<8>};
+using Pass = void (*)(const int8_t*, int64_t, const float*, const float*, const uint8_t*, const uint16_t*,
+                      const uint16_t*, int64_t, float*, int64_t);
+constexpr Pass kPasses[2][kMaxRows] = {
+    {rows_pass<1, 1>, rows_pass<2, 1>, rows_pass<3, 1>, rows_pass<4, 1>, rows_pass<5, 1>, rows_pass<6, 1>,
+     rows_pass<7, 1>, rows_pass<8, 1>},
+    {rows_pass<1, 2>, rows_pass<2, 2>, rows_pass<3, 2>, rows_pass<4, 2>, rows_pass<5, 2>, rows_pass<6, 2>,
+     rows_pass<7, 2>, rows_pass<8, 2>}};
+
+// Each group of 32 inputs of a row -> int8 codes q (and with two parts, the codes of what the
+// first left, at 1/256 of its step), the group's step d and the sum of what the codes stand for.
+// q is [rows, parts, K]; d and sums are [rows, G] with d the step of the finest part.
+void quantize_rows(const float* x, int64_t M, int64_t K, int parts, int8_t* q, float* d, float* sums) {
+  const int64_t G = K / kGroup;
+  const __m512 fine_step = _mm512_set1_ps(256.f);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* xg = x + m * K + g * kGroup;
+      int8_t* qg = q + m * parts * K + g * kGroup;
+      const __m512 a = _mm512_loadu_ps(xg), b = _mm512_loadu_ps(xg + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+      const __m512 by = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      const __m512 sa = _mm512_mul_ps(a, by), sb = _mm512_mul_ps(b, by);
+      const __m512i qa = _mm512_cvtps_epi32(sa), qb = _mm512_cvtps_epi32(sb);
+      _mm_storeu_si128((__m128i*)qg, _mm512_cvtsepi32_epi8(qa));
+      _mm_storeu_si128((__m128i*)(qg + 16), _mm512_cvtsepi32_epi8(qb));
+      int32_t total = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+      float step = amax / 127.f;
+      if (parts == 2) {
+        const __m512i fa = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(sa, _mm512_cvtepi32_ps(qa)), fine_step));
+        const __m512i fb = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(sb, _mm512_cvtepi32_ps(qb)), fine_step));
+        const __m512i ca = _mm512_max_epi32(_mm512_min_epi32(fa, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+        const __m512i cb = _mm512_max_epi32(_mm512_min_epi32(fb, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+        _mm_storeu_si128((__m128i*)(qg + K), _mm512_cvtsepi32_epi8(ca));
+        _mm_storeu_si128((__m128i*)(qg + K + 16), _mm512_cvtsepi32_epi8(cb));
+        total = total * 256 + _mm512_reduce_add_epi32(_mm512_add_epi32(ca, cb));
+        step /= 256.f;
+      }
+      d[m * G + g] = step;
+      sums[m * G + g] = step * static_cast<float>(total);
+    }
+  }
+}
 
 }  // namespace
 
 torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scales,
-                      const torch::Tensor& mins) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.is_contiguous() && x.device().is_cpu(),
-              "int4_mm: x must be a contiguous 2-D bfloat16 CPU tensor");
+                      const torch::Tensor& mins, int64_t parts) {
+  TORCH_CHECK(parts == 1 || parts == 2, "int4_mm: parts must be 1 or 2");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "int4_mm: x must be a contiguous 2-D float32 CPU tensor");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % kGroup == 0, "int4_mm: the input size must be a multiple of 32");
   const int64_t G = K / kGroup;
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() &&
-                  packed.size(1) == G && packed.size(2) == 16 && packed.size(3) == 16,
+                  packed.size(1) == G && packed.size(2) == 4 && packed.size(3) == 64,
               "int4_mm: packed weight of the wrong layout for this input size");
   const int64_t NB = packed.size(0), N = NB * kCols;
   for (const auto& t : {scales, mins}) {
@@ -101,30 +150,21 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& packed, const
                     t.size(1) == G && t.size(2) == kCols,
                 "int4_mm: scales and mins must be contiguous float16 [N/16, K/32, 16]");
   }
-  auto out = torch::empty({M, N}, x.options().dtype(torch::kFloat));
+  auto out = torch::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
-  // Each row's sum per group, for the minimums' term.
-  auto x_sums = torch::empty({M, G}, x.options().dtype(torch::kFloat));
-  const uint16_t* x_bits = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  float* sums = x_sums.data_ptr<float>();
-  for (int64_t i = 0; i < M * G; ++i) {
-    float total = 0.f;
-    for (int j = 0; j < kGroup; ++j) {
-      const uint32_t bits = static_cast<uint32_t>(x_bits[i * kGroup + j]) << 16;
-      float value;
-      std::memcpy(&value, &bits, sizeof(value));
-      total += value;
-    }
-    sums[i] = total;
-  }
+  auto q = torch::empty({M, parts, K}, x.options().dtype(torch::kChar));
+  auto steps = torch::empty({2, M, G}, x.options());
+  float* d = steps.data_ptr<float>();
+  float* sums = d + M * G;
+  quantize_rows(x.data_ptr<float>(), M, K, static_cast<int>(parts), q.data_ptr<int8_t>(), d, sums);
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
     const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
-    kPasses[rows - 1](x_bits + m0 * K, K, packed.data_ptr<uint8_t>(),
-                      reinterpret_cast<const uint16_t*>(scales.data_ptr()),
-                      reinterpret_cast<const uint16_t*>(mins.data_ptr()), sums + m0 * G, G,
-                      out.data_ptr<float>() + m0 * N, N);
+    kPasses[parts - 1][rows - 1](q.data_ptr<int8_t>() + m0 * parts * K, K, d + m0 * G, sums + m0 * G,
+                                 packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
+                                 reinterpret_cast<const uint16_t*>(mins.data_ptr()), G,
+                                 out.data_ptr<float>() + m0 * N, N);
   }
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("int4_mm", &int4_mm, "batched int4 x bf16 matmul"); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("int4_mm", &int4_mm, "batched int4 x int8 matmul"); }
