@@ -104,20 +104,23 @@ class WeightOnlyLinear(nn.Linear):
         # and sibling projections of one input share its bf16 copy (SharedInputCast).
         params, buffers = self._parameters, self._buffers
         dense = buffers["dense_weight"]
-        own_kernel = buffers["mins"] is not None and (dense is None or x.numel() < DENSE_MIN_ROWS * x.shape[-1])
-        flat = (x.reshape(-1, x.shape[-1]) if own_kernel else  # it quantizes the fp32 rows itself
-                self.input_cast.cast(x) if self.input_cast is not None else _as_compute_rows(x))
-        if own_kernel:
+        if dense is not None and x.numel() >= DENSE_MIN_ROWS * self.in_features:
+            out = torch.nn.functional.linear(self._bf16_rows(x), dense)
+        elif buffers["mins"] is not None:  # our kernel: it quantizes the fp32 rows itself
+            flat = x.reshape(-1, self.in_features)
             out = int4_kernel.matmul(flat, params["weight"], buffers["scales"], buffers["mins"], self.input_parts)
-        elif dense is not None and flat.shape[0] >= DENSE_MIN_ROWS:
-            out = torch.nn.functional.linear(flat, dense)
         elif self.mode == "int8":
-            out = torch._weight_int8pack_mm(flat, params["weight"], buffers["scales"])
+            out = torch._weight_int8pack_mm(self._bf16_rows(x), params["weight"], buffers["scales"])
         else:
-            out = torch._weight_int4pack_mm_for_cpu(flat, params["weight"], self.group_size, buffers["scales"])
+            out = torch._weight_int4pack_mm_for_cpu(self._bf16_rows(x), params["weight"], self.group_size,
+                                                    buffers["scales"])
         out = out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         bias = params.get("bias")  # absent when the layer has none
         return out if bias is None else out + bias
+
+    def _bf16_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """What torch's packed kernels and the dense copy read; shared with sibling projections."""
+        return self.input_cast.cast(x) if self.input_cast is not None else _as_compute_rows(x)
 
     @property
     def packed_tensors(self) -> tuple[torch.Tensor, ...]:
