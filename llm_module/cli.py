@@ -4,6 +4,7 @@
     llm-module generate "Tell me a joke" --max-new-tokens 32
     llm-module train data.jsonl runs/my-adapter
     llm-module evaluate data.jsonl --adapter my-adapter
+    llm-module export runs/my-adapter exported/ --format gguf --quantization f16,q8_0
     llm-module adapters
 """
 
@@ -36,34 +37,26 @@ def _name_path(text: str) -> tuple[str, str]:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the HTTP service (jaseci remote actions + /v1 API)",
+    """``serve``'s flags, one per field of Settings (so they never drift from it)."""
+    from llm_module.settings import Settings
+
+    p = sub.add_parser("serve", help="run the HTTP service (jaseci remote actions + /v1 API + OpenAI API)",
                        description="Every flag also reads LLM_MODULE_<NAME> from the environment; flags win.")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--model", help="base model to load at start (path, .gguf or hub id; default: bundled)")
-    p.add_argument("--adapter", dest="adapters", action="append", type=_name_path, metavar="NAME=PATH",
-                   help="adapter to load at start (repeatable)")
-    p.add_argument("--adapters-dir", help="shared folder: every adapter folder in it loads at start (scale-out)")
-    p.add_argument("--adapters-poll-s", type=float, help="re-scan --adapters-dir every N seconds (0: off)")
-    p.add_argument("--no-preload", dest="preload", action="store_false", default=None,
-                   help="do not load a model at start (the first call loads it)")
-    p.add_argument("--device")
-    p.add_argument("--dtype")
-    p.add_argument("--data-root", help="confine every caller-given path to this folder")
-    p.add_argument("--token", help="require this token (prefer LLM_MODULE_TOKEN: flags show in ps)")
-    p.add_argument("--max-body-bytes", type=int)
-    p.add_argument("--max-prompt-chars", type=int)
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--max-return-sequences", type=int)
-    p.add_argument("--max-prompts", type=int)
-    p.add_argument("--batching", dest="batching", action="store_true", default=None)
-    p.add_argument("--no-batching", dest="batching", action="store_false")
-    p.add_argument("--batch-window-ms", type=float)
-    p.add_argument("--max-batch", type=int)
-    p.add_argument("--threads", type=int, help="worker threads for blocking engine calls")
-    p.add_argument("--torch-threads", type=int)
-    p.add_argument("--ready-timeout-s", type=float)
-    p.add_argument("--log-level")
+    for name, field in Settings.__fields__.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = field.field_info.description
+        if name == "adapters":
+            p.add_argument("--adapter", dest="adapters", action="append", type=_name_path, metavar="NAME=PATH",
+                           help="adapter to load at start (repeatable)")
+        elif field.outer_type_ is bool:  # --x and --no-x; help shows the one that changes the default
+            on = field.default is not True
+            p.add_argument(flag, dest=name, action="store_true", default=None,
+                           help=help_text if on else argparse.SUPPRESS)
+            p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
+                           help=argparse.SUPPRESS if on else f"turn off: {help_text}")
+        else:
+            kind = field.outer_type_ if field.outer_type_ in (int, float) else str
+            p.add_argument(flag, dest=name, type=kind, help=help_text)
     p.set_defaults(run=_serve)
 
 
@@ -99,6 +92,15 @@ def _add_engine_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter")
     p.set_defaults(run=_evaluate)
 
+    p = sub.add_parser("export", parents=[common], help="merge an adapter and write it as hf / gguf / lora-gguf")
+    p.add_argument("adapter", help="a loaded adapter's name or an adapter folder (a llm.train output_dir works)")
+    p.add_argument("output_dir")
+    p.add_argument("--format", default="gguf", help="hf, gguf (with an Ollama Modelfile) or lora-gguf; default gguf")
+    p.add_argument("--quantization", help="comma-separated GGUF types: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1")
+    p.add_argument("--name", help="file name stem of the GGUF files (default: the adapter's name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an output_dir that holds other files")
+    p.set_defaults(run=_export)
+
     p = sub.add_parser("adapters", help="the adapters the next setup restores (no model is loaded)")
     p.set_defaults(run=_adapters)
 
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace):
     """Settings from the flags that were given; the rest come from the environment or defaults."""
-    from llm_module.server.settings import Settings
+    from llm_module.settings import Settings
 
     given = {k: v for k, v in vars(args).items() if k in Settings.__fields__ and v is not None}
     adapters = dict(given.pop("adapters", ()))
@@ -130,15 +132,30 @@ def _serve(args: argparse.Namespace) -> int:
     from llm_module.server import create_app
 
     settings = settings_from_args(args)
+    _show_package_logs(settings.log_level)
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0
 
 
+def _show_package_logs(level: str) -> None:
+    """llm_module's own log lines beside uvicorn's (uvicorn configures only its loggers): at start-up,
+    the model loaded and which kernel runs its packed layers (runtime/prepare.py)."""
+    import logging
+
+    logger = logging.getLogger("llm_module")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
+
+
 def _engine(args: argparse.Namespace):
     from llm_module.engine import Engine
+    from llm_module.settings import Settings
 
-    engine = Engine(data_root=args.data_root, batching=False)
+    engine = Engine(Settings(**({"data_root": args.data_root} if args.data_root else {})))
     if args.model or args.adapter_dirs:
         engine.setup(args.model, adapters=dict(args.adapter_dirs) or None)
     else:
@@ -160,10 +177,20 @@ def _evaluate(args: argparse.Namespace) -> Any:
     return _engine(args).evaluate(args.data_file, args.adapter)
 
 
-def _adapters(args: argparse.Namespace) -> Any:
-    from llm_module.state import StateFile
+def _export(args: argparse.Namespace) -> Any:
+    options: dict[str, Any] = {"overwrite": True} if args.overwrite else {}
+    if args.quantization:
+        options["quantization"] = [t.strip() for t in args.quantization.split(",") if t.strip()]
+    if args.name:
+        options["name"] = args.name
+    return _engine(args).export(args.adapter, args.output_dir, args.format, **options)
 
-    saved = StateFile().read()
+
+def _adapters(args: argparse.Namespace) -> Any:
+    from llm_module.engine.state import StateFile
+    from llm_module.settings import Settings
+
+    saved = StateFile(Settings().home / "state.json").read()
     if saved is None:
         return []
     return [{"name": name, "path": path, "default": name == saved.default_adapter}

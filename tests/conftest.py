@@ -20,17 +20,18 @@ def _default_tokenizer():
     from transformers import AutoTokenizer
 
     from llm_module.loader import convert_gguf, default_gguf_path
+    from llm_module.settings import Settings
 
-    return AutoTokenizer.from_pretrained(str(convert_gguf(default_gguf_path())))
+    return AutoTokenizer.from_pretrained(str(convert_gguf(default_gguf_path(), Settings().models_dir)))
 
 
-def build_tiny_model(target: Path) -> Path:
-    """Save a random 2-layer Llama with the default tokenizer into ``target``."""
+def build_tiny_model(target: Path, seed: int = TINY_SEED) -> Path:
+    """Save a random 2-layer Llama with the default tokenizer into ``target`` (another ``seed``: other weights)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = _default_tokenizer()
-    torch.manual_seed(TINY_SEED)
+    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -77,7 +78,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def engine(tiny_model_dir, tmp_path):
     """A fresh Engine over the tiny model with its own state file (no adapters)."""
     from llm_module.engine import Engine
-    from llm_module.state import StateFile
+    from llm_module.engine.state import StateFile
 
     eng = Engine(state_file=StateFile(tmp_path / "state.json"))
     eng.setup(str(tiny_model_dir))
@@ -130,10 +131,10 @@ def start_server(workdir: Path, *args: str, env: dict | None = None, wait_ready:
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = workdir / "server.log"
-    from llm_module.paths import model_cache_dir
+    from llm_module.settings import Settings
 
     # A private home (state) but the shared model cache, so the default model is never re-converted.
-    full_env = {**os.environ, "LLM_MODULE_HOME": str(workdir / "home"), "LLM_MODULE_CACHE": str(model_cache_dir()),
+    full_env = {**os.environ, "LLM_MODULE_HOME": str(workdir / "home"), "LLM_MODULE_CACHE": str(Settings().models_dir),
                 "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from llm_module.active import record_prompt
+from llm_module.data.active import record_prompt
 from llm_module.engine import Engine
+from llm_module.engine.state import StateFile
 from llm_module.errors import InvalidInput
-from llm_module.paths import model_cache_dir
-from llm_module.state import StateFile
+from llm_module.settings import Settings
 from tests.jsctl_utils import JacSession
 
 POOL = [
@@ -28,7 +28,7 @@ POOL = [
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, tiny_adapter_dir, tmp_path_factory):
     home = tmp_path_factory.mktemp("active-home")
-    engine = Engine(batching=False, state_file=StateFile(home / "state.json"))
+    engine = Engine(state_file=StateFile(home / "state.json"))
     engine.setup(str(tiny_model_dir), adapters={"style": str(tiny_adapter_dir)})
     yield engine
     engine.close()
@@ -45,11 +45,14 @@ def _reference_entropy(engine: Engine, prompt: str, answer_ids: list[int], adapt
     """Mean entropy and perplexity of ``answer_ids`` after ``prompt`` by one teacher-forced forward pass."""
     import torch
 
-    tokenizer = engine._loaded.tokenizer
+    tokenizer = engine.host.tokenizer
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt_ids + answer_ids])
-    with torch.inference_mode():
-        logits = engine._model(input_ids=ids, adapter_names=[adapter or "__base__"]).logits[0].float()
+    def forward():  # on the model's thread, between the serving loop's steps
+        with torch.inference_mode():
+            return engine.adapters.peft_model(input_ids=ids, adapter_names=[adapter or "__base__"]).logits[0].float()
+
+    logits = engine.serving.call(forward)
     log_probs = torch.log_softmax(logits[len(prompt_ids) - 1:-1], dim=-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1).mean().item()
     nll = -log_probs.gather(-1, torch.tensor(answer_ids).unsqueeze(-1)).mean().item()
@@ -58,10 +61,11 @@ def _reference_entropy(engine: Engine, prompt: str, answer_ids: list[int], adapt
 
 def _greedy_ids(engine: Engine, prompt: str, adapter: str | None, max_new_tokens: int) -> list[int]:
     """The answer's token ids from a plain one-prompt generate, cut after its first end-of-sequence token."""
-    tokenizer = engine._loaded.tokenizer
+    tokenizer = engine.host.tokenizer
     enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
-    out = engine._model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                                 adapter_names=[adapter or "__base__"], pad_token_id=tokenizer.pad_token_id)
+    out = engine.serving.call(lambda: engine.adapters.peft_model.generate(
+        **enc, do_sample=False, max_new_tokens=max_new_tokens, adapter_names=[adapter or "__base__"],
+        pad_token_id=tokenizer.pad_token_id))
     ids = out[0, enc["input_ids"].shape[1]:].tolist()
     eos = tokenizer.eos_token_id
     return ids[:ids.index(eos) + 1] if eos in ids else ids
@@ -75,7 +79,7 @@ def test_scores_equal_a_teacher_forced_forward_pass_and_rank_highest_first(engin
     assert result["scored"] == len(POOL) and result["k"] == len(POOL)
     assert [s["score"] for s in selected] == sorted((s["score"] for s in selected), reverse=True)
     assert sorted(s["index"] for s in selected) == list(range(len(POOL)))
-    tokenizer = engine._loaded.tokenizer
+    tokenizer = engine.host.tokenizer
     for item in selected[:3]:
         prompt = record_prompt(POOL[item["index"]], tokenizer, "chat")
         answer_ids = _greedy_ids(engine, prompt, adapter, max_new_tokens=6)
@@ -135,7 +139,7 @@ def test_text_file_holds_one_prompt_per_line(engine, tmp_path):
 @pytest.mark.e2e
 def test_active_learning_walkers_select_then_learn_from_the_labelled_file(tmp_path, tiny_model_dir):
     session = JacSession(tmp_path / "jsctl", env={"LLM_MODULE_HOME": str(tmp_path / "home"),
-                                                  "LLM_MODULE_CACHE": str(model_cache_dir())})
+                                                  "LLM_MODULE_CACHE": str(Settings().models_dir)})
     session.load_module(ctx={"model_name": str(tiny_model_dir)})
     pool = tmp_path / "pool.json"
     pool.write_text(json.dumps(POOL[:4]))
@@ -163,7 +167,7 @@ def test_active_learning_walkers_select_then_learn_from_the_labelled_file(tmp_pa
 @pytest.mark.e2e
 def test_jsctl_select_informative_errors_reach_the_caller(tmp_path, tiny_model_dir):
     session = JacSession(tmp_path / "jsctl", env={"LLM_MODULE_HOME": str(tmp_path / "home"),
-                                                  "LLM_MODULE_CACHE": str(model_cache_dir())})
+                                                  "LLM_MODULE_CACHE": str(Settings().models_dir)})
     pool = tmp_path / "pool.json"
     pool.write_text(json.dumps(POOL[:2]))
     values, log = session.script(

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm_module.engine import Engine
+from llm_module.engine.state import StateFile
 from llm_module.errors import Conflict, InvalidInput, LLMError, NotFound
-from llm_module.state import StateFile
 
 GREEDY = {"do_sample": False, "max_new_tokens": 10, "return_full_text": False}
 PROMPT = "The weather today"
@@ -46,7 +46,7 @@ def test_adapter_loads_by_name_changes_output_and_unloads(engine, tiny_adapter_d
     engine.unload_adapter("style")
     assert engine.list_adapters() == []
     assert _text(engine) == base
-    assert not hasattr(engine._model, "peft_config")  # unwrapped: plain speed again
+    assert engine.adapters.peft_model is None and not any("lora" in n for n, _ in engine.host.model.named_modules())
 
 
 def test_default_adapter_applies_when_none_is_named(engine, tiny_adapter_dir):
@@ -80,7 +80,7 @@ def test_mixed_adapter_batch_matches_each_adapter_alone(engine, two_adapters):
     assert len(results) == len(names)
     for name, text in results.values():
         assert text == expected[name], f"adapter {name} got another adapter's output"
-    assert engine._batcher.largest_batch > 1  # they really shared forward passes
+    assert engine.serving.scheduler.stats["largest_batch"] > 1  # they really shared forward passes
 
 
 def test_unloading_one_adapter_keeps_the_other(engine, two_adapters):
@@ -123,11 +123,46 @@ def test_setup_is_restored_in_a_new_engine(tiny_model_dir, tiny_adapter_dir, tmp
         second.close()
 
 
-def test_setup_again_replaces_the_model_cleanly(engine, tiny_model_dir, tiny_adapter_dir):
+def test_setup_again_replaces_the_model_cleanly(engine, tiny_model_dir, tiny_adapter_dir, tmp_path):
+    """A second, different model: its own answers, and no adapter of the first one left on it."""
+    from tests.conftest import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other-model", seed=99)
     engine.load_adapter(str(tiny_adapter_dir), "style")
-    info = engine.setup(str(tiny_model_dir))
-    assert info["adapters"] == [] and info["ready"]
-    assert _text(engine)
+    first = _text(engine, adapter="base")
+    info = engine.setup(str(other))
+    assert info["adapters"] == [] and info["ready"] and info["model"] == "other-model"
+    second = _text(engine)
+    assert second != first
+    with pytest.raises(NotFound, match="No adapter named 'style'"):
+        _text(engine, adapter="style")
+    engine.setup(str(tiny_model_dir))
+    assert _text(engine) == first
+
+
+def _break(adapter_dir) -> None:
+    (adapter_dir / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+
+
+@pytest.mark.parametrize("where", ["same folder", "another folder"])
+def test_a_failed_reload_keeps_serving_the_previous_weights(engine, two_adapters, tmp_path, where):
+    """The adapter's own answers after a reload whose files are broken: not the base model's, not a mix."""
+    first, _ = two_adapters
+    live = tmp_path / "live"
+    shutil.copytree(first, live)
+    engine.load_adapter(str(live), "a")
+    before, base = _text(engine, adapter="a"), _text(engine, adapter="base")
+    assert before != base
+    source = live if where == "same folder" else tmp_path / "broken"
+    if where != "same folder":
+        shutil.copytree(first, source)
+    _break(source)
+    with pytest.raises(InvalidInput, match="not a readable safetensors file"):
+        engine.load_adapter(str(source), "a", replace=True)
+    assert [a["name"] for a in engine.list_adapters()] == ["a"]
+    assert _text(engine, adapter="a") == before
+    engine.load_adapter(str(first), "a", replace=True)  # a good reload still replaces
+    assert _text(engine, adapter="a") == before  # (the same weights as live's originals)
 
 
 def test_bad_adapters_are_refused_and_the_model_still_answers(engine, tiny_adapter_dir, tmp_path):
@@ -181,3 +216,29 @@ def test_reload_remembered_brings_back_adapters_of_the_same_model(tiny_model_dir
         assert restarted.generate(PROMPT, **GREEDY) == expected
     finally:
         restarted.close()
+
+
+def test_pickled_adapter_weights_are_refused_unless_allowed(tiny_model_dir, tiny_adapter_dir, tmp_path):
+    """A .bin adapter is a pickle, which can run code when loaded: refused by default with the fix named;
+    with allow_pickle_adapters it loads through torch's weights_only reader and answers as the original."""
+    from llm_module.settings import Settings
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_adapter_dir, pickled)
+    weights = pickled / "adapter_model.safetensors"
+    torch.save(load_file(str(weights)), str(pickled / "adapter_model.bin"))
+    weights.unlink()
+    strict = Engine(Settings(home=tmp_path / "strict"), state_file=StateFile(tmp_path / "strict.json"))
+    trusting = Engine(Settings(home=tmp_path / "trusting", allow_pickle_adapters=True),
+                      state_file=StateFile(tmp_path / "trusting.json"))
+    try:
+        strict.setup(str(tiny_model_dir))
+        with pytest.raises(InvalidInput, match="pickle file, which can run code.*allow_pickle_adapters"):
+            strict.load_adapter(str(pickled), "p")
+        strict.load_adapter(str(tiny_adapter_dir), "s")
+        trusting.setup(str(tiny_model_dir))
+        trusting.load_adapter(str(pickled), "p")
+        assert _text(trusting, adapter="p") == _text(strict, adapter="s")
+    finally:
+        strict.close()
+        trusting.close()

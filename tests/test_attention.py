@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llm_module.attention import NAME, use_grouped_attention
+from llm_module.runtime.attention import NAME, use_grouped_attention
 
 PROMPTS = ["Hi", "Tell me a long story about a lighthouse keeper and the sea", "Why is the sky blue?"]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from llm_module.augment import RewriteJob, accept_paraphrase, augment_file, protected_words, wordnet_synonyms
+from llm_module.data.augment import RewriteJob, accept_paraphrase, augment_file, protected_words, wordnet_synonyms
 from llm_module.errors import InvalidInput
-from llm_module.paths import model_cache_dir
+from llm_module.settings import Settings
 from tests.jsctl_utils import JacSession
 
 RECORDS = [
@@ -132,7 +132,7 @@ def test_refuses_to_overwrite_its_input_and_empty_or_prompt_less_files(tmp_path)
 # ------------------------------------------------------------------ through jsctl
 def _session(tmp_path: Path) -> JacSession:
     return JacSession(tmp_path / "jsctl", env={"LLM_MODULE_HOME": str(tmp_path / "home"),
-                                               "LLM_MODULE_CACHE": str(model_cache_dir())})
+                                               "LLM_MODULE_CACHE": str(Settings().models_dir)})
 
 
 @pytest.mark.e2e

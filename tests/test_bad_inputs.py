@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from llm_module import llm
-from llm_module.engine import Engine, set_default_engine
+from llm_module.actions import ACTIONS
+from llm_module.engine import Engine
+from llm_module.engine.state import StateFile
 from llm_module.errors import LLMError
-from llm_module.paths import model_cache_dir
-from llm_module.state import StateFile
+from llm_module.settings import Settings
 from tests.conftest import start_server
 from tests.jsctl_utils import JacSession
 
@@ -62,6 +62,12 @@ CASES = [
     Case("gen-prompt-and-messages", "generate", {**GEN, "messages": [{"role": "user", "content": "x"}]},
          "either prompt or messages"),
     Case("gen-num-return-zero", "generate", {**GEN, "num_return_sequences": 0}, "num_return_sequences must be >= 1"),
+    Case("gen-json-schema-not-a-schema", "generate", {**GEN, "json_schema": {"type": "nonsense"}},
+         "not a usable JSON schema"),
+    Case("gen-json-schema-a-string", "generate", {**GEN, "json_schema": "an object please"},
+         "must be a JSON schema object"),
+    Case("gen-unsupported-transformers-option", "generate", {**GEN, "bad_words_ids": [[1]]},
+         "not supported by llm_module"),
     # ---- setup
     Case("setup-missing-model-dir", "setup", {"model_name": "./no/such/model"}, "does not exist"),
     Case("setup-dir-not-a-model", "setup", {"model_name": "adapters/tiny"}, "holds no config.json"),
@@ -145,6 +151,56 @@ CASES = [
 ]
 
 
+# The part of each message that names the fix (a message must say what to do, not only what is wrong).
+FIXES = {
+    "gen-unknown-option": "Did you mean", "gen-negative-max-new-tokens": "must be >= 1",
+    "gen-string-max-new-tokens": "must be an integer", "gen-zero-temperature": "use do_sample=False",
+    "gen-top-p-out-of-range": "must be in (0, 1]", "gen-do-sample-string": "must be true or false",
+    "gen-bad-top-k": "must be >= 0", "gen-empty-prompt": "give some text", "gen-no-prompt": "must be a string",
+    "gen-prompt-number": "must be a string", "gen-prompt-list-with-number": "give some text",
+    "gen-thousands-of-prompts": "split them into several calls", "gen-prompt-over-context": "shorten the prompt",
+    "gen-unknown-adapter": "Load it with llm.load_adapter", "gen-bad-stop": "must be a string or a list",
+    "gen-bad-seed": "must be an integer", "gen-bad-messages": "must be an object with role",
+    "gen-messages-not-list": "must be a non-empty list", "gen-prompt-and-messages": "Pass either prompt or messages",
+    "gen-num-return-zero": "must be >= 1", "gen-json-schema-not-a-schema": "give a JSON schema object",
+    "gen-json-schema-a-string": "must be a JSON schema object", "gen-unsupported-transformers-option":
+    "the supported ones are", "setup-missing-model-dir": "check the path", "setup-dir-not-a-model":
+    "pass it as lora_dir=", "setup-missing-gguf": "check the path", "setup-bad-device": "must be one of",
+    "setup-bad-dtype": "must be one of", "setup-cuda-without-gpu": "use device='cpu'",
+    "setup-unknown-option": "Did you mean 'device'", "setup-model-kwargs-not-dict": "must be an object",
+    "setup-adapters-not-dict": "must be an object {name: path}", "setup-adapter-missing": "check the path",
+    "setup-escape-data-root": "give a path inside it", "adapter-missing-path": "check the path",
+    "adapter-not-an-adapter": "Give a folder written by llm.train", "adapter-bad-name": "use 1-64 letters",
+    "adapter-name-taken": "unload it first or pick another name", "adapter-foreign-base": "load that model",
+    "adapter-escape-dotdot": "give a path inside it", "adapter-escape-absolute": "give a path inside it",
+    "adapter-escape-symlink": "give a path inside it", "adapter-unload-unknown": "Load it with llm.load_adapter",
+    "adapter-default-unknown": "Load it with llm.load_adapter", "train-missing-file": "check the path",
+    "train-empty-file": "holds an array of records", "train-malformed-json": "holds an array of records",
+    "train-non-utf8": "give a UTF-8 text file", "train-no-known-fields": "or pass data_format=",
+    "train-wrong-types": "fix that record", "train-zero-records": "give at least one example",
+    "train-blank-records": "fix that record", "train-unsupported-type": "use one of .json",
+    "train-unknown-format": "Use one of auto", "train-cutoff-shorter-than-prompt": "raise CUTOFF_LEN",
+    "train-zero-micro-batch": "must be a positive number", "train-negative-batch": "must be a positive number",
+    "train-zero-epochs": "must be a positive number", "train-learning-rate-string": "must be a positive number",
+    "train-params-not-object": "must be an object such as", "train-unknown-param": "Did you mean 'EPOCHS'",
+    "train-unknown-option": "Did you mean 'val_set_size'", "train-bad-resume": "must be true, false or a checkpoint",
+    "train-into-foreign-folder": "give an empty or new folder", "train-into-live-adapter": "Pick a new output_dir",
+    "train-escape-data": "give a path inside it", "train-escape-output": "give a path inside it",
+    "evaluate-missing-file": "check the path", "evaluate-unknown-adapter": "Load it with llm.load_adapter",
+    "evaluate-malformed": "holds an array of records", "job-unknown-id": "list_jobs() shows the known ones",
+    "job-cancel-unknown": "list_jobs() shows the known ones",
+}
+
+
+def test_every_case_names_its_fix():
+    assert set(FIXES) == {case.id for case in CASES}
+
+
+def check_message(case: Case, message: str) -> None:
+    assert case.phrase in message, (case.id, message)
+    assert FIXES[case.id] in message, (case.id, "names no fix:", message)
+
+
 def build_data_root(root: Path, tiny_model_dir: Path, tiny_adapter_dir: Path) -> Path:
     """Files the cases point at, inside one folder."""
     from safetensors.torch import load_file, save_file
@@ -193,26 +249,24 @@ def _reference(call) -> dict:
 # ------------------------------------------------------------------------------ Python API
 @pytest.fixture(scope="module")
 def python_engine(data_root, tmp_path_factory):
-    engine = Engine(data_root=data_root, state_file=StateFile(tmp_path_factory.mktemp("py") / "state.json"))
+    engine = Engine(Settings(data_root=data_root), state_file=StateFile(tmp_path_factory.mktemp("py") / "state.json"))
     engine.setup("model", adapters={"tiny": "adapters/tiny"})
-    previous = set_default_engine(engine)
     yield engine
-    set_default_engine(previous) if previous else None
     engine.close()
-
-
-def _python_call(action: str, ctx: dict):
-    return llm.ACTIONS[action](**ctx)
 
 
 def test_catalogue_through_the_python_api(python_engine, data_root, monkeypatch):
     monkeypatch.chdir(data_root)
+
+    def _python_call(action: str, ctx: dict):
+        return ACTIONS[action](python_engine, **ctx)
+
     before = _reference(_python_call)
     cases = [c for c in CASES if "python" in c.transports]
     for case in cases:
         with pytest.raises(LLMError) as info:
             _python_call(case.action, case.ctx)
-        assert case.phrase in str(info.value), (case.id, str(info.value))
+        check_message(case, str(info.value))
         assert 400 <= info.value.status < 500, (case.id, info.value.status)
     assert _reference(_python_call) == before
     assert (data_root / "occupied" / "thesis.docx").read_text() == "a user's own file"  # nothing of theirs lost
@@ -239,7 +293,7 @@ def test_catalogue_through_http(server):
     for case in cases:
         status, body = call(case.action, case.ctx)
         assert 400 <= status < 500, (case.id, status, body)
-        assert case.phrase in body["error"]["message"], (case.id, body)
+        check_message(case, body["error"]["message"])
     assert requests.get(server.url + "/healthz", timeout=5).status_code == 200
     assert _reference(call) == before
     print(f"\nbad-input catalogue (http): {len(cases)} cases refused with 4xx JSON, server up")
@@ -249,20 +303,23 @@ def test_catalogue_through_http(server):
 @pytest.mark.e2e
 def test_catalogue_through_jsctl(data_root, tmp_path):
     session = JacSession(data_root, env={"LLM_MODULE_HOME": str(tmp_path / "home"),
-                                         "LLM_MODULE_CACHE": str(model_cache_dir())})
+                                         "LLM_MODULE_CACHE": str(Settings().models_dir)})
     cases = [c for c in CASES if "jsctl" in c.transports]
     setup = {"model_name": str(data_root / "model"), "adapters": {"tiny": str(data_root / "adapters" / "tiny")}}
-    probe = f"actions call llm.generate -ctx '{json.dumps({**GEN, 'max_new_tokens': 6, 'adapter': 'tiny'})}'"
-    commands = [f"actions load module llm_module.llm -ctx '{json.dumps(setup)}'", probe]
+    probes = [f"actions call llm.generate -ctx '{json.dumps({**GEN, 'max_new_tokens': 6, 'adapter': name})}'"
+              for name in ("tiny", "base")]
+    commands = [f"actions load module llm_module.llm -ctx '{json.dumps(setup)}'", *probes]
     commands += [f"actions call llm.{c.action} -ctx '{json.dumps(c.ctx)}'" for c in cases]
-    commands.append(probe)
+    commands += probes
     values, out = session.script(*commands, timeout=900)
     calls = values[1:]
-    assert len(calls) == len(cases) + 2, out[-3000:]
-    assert calls[0]["success"] and calls[-1] == calls[0], "the adapter answers the same after the bad calls"
+    assert len(calls) == len(cases) + 4, out[-3000:]
+    before, after = calls[:2], calls[-2:]
+    assert all(c["success"] for c in before) and after == before, "the adapter and the base answer as before"
+    assert before[0] != before[1]  # the adapter's answer is not the base model's
     errors = [line.split(": ", 2)[-1] for line in out.splitlines() if "Error calling action llm." in line]
     assert len(errors) == len(cases), out[-3000:]
-    for case, result, message in zip(cases, calls[1:-1], errors, strict=True):
+    for case, result, message in zip(cases, calls[2:-2], errors, strict=True):
         assert result["success"] is False, case.id
-        assert case.phrase in message, (case.id, message)
+        check_message(case, message)
     print(f"\nbad-input catalogue (jsctl): {len(cases)} cases refused, adapter unchanged")

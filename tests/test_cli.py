@@ -21,12 +21,21 @@ def test_flags_beat_env_beat_defaults(monkeypatch, tmp_path):
     monkeypatch.setenv("LLM_MODULE_TOKEN", "")  # empty means no token
     settings = settings_from_args(build_parser().parse_args(["serve"]))
     assert settings.max_new_tokens == 77 and settings.adapters == {"env": str(tmp_path)}
-    assert settings.token is None and settings.batching is True and settings.port == 8000
+    assert settings.token is None and settings.prefix_cache is True and settings.port == 8000
     args = build_parser().parse_args(["serve", "--max-new-tokens", "5", "--adapter", "a=x", "--adapter", "b=y",
-                                      "--no-batching", "--batch-window-ms", "2.5", "--data-root", str(tmp_path)])
+                                      "--no-prefix-cache", "--prefill-chunk", "64", "--data-root", str(tmp_path)])
     settings = settings_from_args(args)
     assert settings.max_new_tokens == 5 and settings.adapters == {"a": "x", "b": "y"}
-    assert settings.batching is False and settings.batch_window_ms == 2.5 and settings.data_root == tmp_path
+    assert settings.prefix_cache is False and settings.prefill_chunk == 64 and settings.data_root == tmp_path
+
+
+def test_every_setting_is_a_serve_flag():
+    """The flags are made from Settings: none is missing, none is extra."""
+    from llm_module.settings import Settings
+
+    serve = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("serve"))
+    dests = {action.dest for action in serve._actions} - {"help", "run"}
+    assert dests == set(Settings.__fields__)
 
 
 def test_bad_settings_exit_2_with_the_reason(tmp_path):

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from tests.conftest import start_server
@@ -32,16 +33,21 @@ def test_server_killed_mid_request_restarts_with_the_same_adapters(tiny_data_roo
         expected = _generate(server.url, "live")
         assert expected != _generate(server.url, "base")
 
+        in_flight = threading.Event()
+
         def long_request() -> None:
+            body = {"prompt": "Story", "do_sample": False, "max_new_tokens": 1000, "min_new_tokens": 1000}
             try:
-                requests.post(f"{server.url}/generate",
-                              json={"prompt": "Story", "do_sample": False, "max_new_tokens": 1000}, timeout=60)
+                with requests.post(f"{server.url}/v1/generate/stream", json=body, stream=True, timeout=60) as resp:
+                    for line in resp.iter_lines():
+                        if line.startswith(b"data: "):
+                            in_flight.set()  # the server is generating it now
             except requests.RequestException:
                 pass  # the connection dies with the server: that is the point
 
         caller = threading.Thread(target=long_request)
         caller.start()
-        time.sleep(1.0)
+        assert in_flight.wait(60), "the long request never started"
         os.kill(server.proc.pid, signal.SIGKILL)
         server.proc.wait(10)
         caller.join(30)
@@ -60,7 +66,7 @@ def test_server_killed_mid_request_restarts_with_the_same_adapters(tiny_data_roo
 TRAINER = """
 import json, sys, time
 from llm_module.engine import Engine
-from llm_module.state import StateFile
+from llm_module.engine.state import StateFile
 model, data, out, home = sys.argv[1:5]
 engine = Engine(state_file=StateFile(__import__("pathlib").Path(home) / "state.json"))
 engine.setup(model)
@@ -80,7 +86,7 @@ def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(tiny_mode
     import sys
 
     from llm_module.engine import Engine
-    from llm_module.state import StateFile
+    from llm_module.engine.state import StateFile
 
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"Code of item {i}?", "input": "",
@@ -96,7 +102,10 @@ def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(tiny_mode
         proc.wait(10)
     finally:
         proc.kill()
-    checkpoints = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    from llm_module.training.checkpoints import checkpoints as run_checkpoints
+    from llm_module.training.checkpoints import is_complete
+
+    checkpoints = [int(p.name.split("-")[1]) for p in run_checkpoints(out) if is_complete(p)]
     assert checkpoints and not (out / "final").exists(), "killed mid-run: checkpoints but no final adapter"
 
     engine = Engine(state_file=StateFile(tmp_path / "home2" / "state.json"))
@@ -107,10 +116,117 @@ def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(tiny_mode
         result = engine.train(str(data), str(out), params, resume_from_checkpoint=True, show_progress=False,
                               training_args_kwargs={"save_strategy": "steps", "save_steps": 2})
         resumed_step = int(Path(result["resumed_from"]).name.split("-")[1])
-        assert resumed_step >= min(checkpoints) and resumed_step >= 2
+        assert resumed_step == max(checkpoints) >= 2  # the last complete checkpoint, not an earlier one
         assert result["steps"] == 24 and not result["cancelled"]
         steps = [s["step"] for s in json.loads((out / "training_log.json").read_text())["steps"]]
         assert steps == list(range(1, 25))  # one log across the kill: continued, nothing trained twice
         assert engine.generate("Code of item 3?", adapter="run", do_sample=False, max_new_tokens=4)
     finally:
         engine.close()
+
+
+JOB = {"data_file": "train.jsonl", "output_dir": "runs/job",
+       "training_params": {"MICRO_BATCH_SIZE": 2, "BATCH_SIZE": 2, "EPOCHS": 12, "LEARNING_RATE": 5e-3,
+                           "LORA_R": 4, "LORA_ALPHA": 8},
+       "training_args_kwargs": {"save_strategy": "steps", "save_steps": 2}}
+
+
+def _job(url: str, job_id: str) -> dict:
+    return requests.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
+
+
+def _wait_for(url: str, job_id: str, done, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while not done(job := _job(url, job_id)):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.3)
+    return job
+
+
+@pytest.mark.parametrize("auto", [False, True])
+def test_a_job_outlives_a_killed_server_and_resumes_from_its_last_checkpoint(tiny_data_root, tmp_path, auto):
+    """kill -9 mid-training: the restarted server knows the job as interrupted, with its last complete
+    checkpoint, and resumes it (on request, or at start-up with resume_interrupted_jobs)."""
+    import json
+    import shutil
+
+    from llm_module.training.checkpoints import checkpoints, is_complete
+
+    root = tmp_path / "root"
+    shutil.copytree(tiny_data_root, root)
+    (root / "train.jsonl").write_text("".join(json.dumps({"instruction": f"Code of item {i}?", "input": "",
+                                                          "output": f"Item {i} has code Z{i}."}) + "\n"
+                                              for i in range(8)))
+    workdir, args = tmp_path / "server", ("--model", str(root / "model"), "--data-root", str(root))
+    server = start_server(workdir, *args)
+    try:
+        started = requests.post(f"{server.url}/v1/jobs/train", json=JOB, timeout=60)
+        assert started.status_code == 202, started.text
+        job_id = started.json()["job_id"]
+        _wait_for(server.url, job_id, lambda j: (j["progress"].get("step") or 0) >= 7)
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+    finally:
+        server.stop()
+    out = root / "runs" / "job"
+    last = max((c for c in checkpoints(out) if is_complete(c)), key=lambda c: int(c.name.split("-")[1]))
+    assert not (out / "final").exists()
+
+    restarted = start_server(workdir, *args, *(["--resume-interrupted-jobs"] if auto else []))
+    try:
+        if not auto:
+            job = _job(restarted.url, job_id)
+            assert job["state"] == "interrupted" and job["progress"]["last_checkpoint"] == str(last), job
+            resumed = requests.post(f"{restarted.url}/v1/jobs/{job_id}/resume", timeout=60)
+            assert resumed.status_code == 202, resumed.text
+        job = _wait_for(restarted.url, job_id, lambda j: j["state"] not in ("interrupted", "queued", "running"))
+        assert job["state"] == "done" and job["runs"] == 2, job
+        assert job["result"]["resumed_from"] == str(last)
+        total = job["result"]["total_steps"]
+        steps = [s["step"] for s in json.loads((out / "training_log.json").read_text())["steps"]]
+        assert steps == list(range(1, total + 1))  # continued from the checkpoint: no step trained twice
+        names = [a["name"] for a in requests.get(f"{restarted.url}/v1/adapters", timeout=30).json()]
+        assert "job" in names  # the finished adapter is live
+    finally:
+        restarted.stop()
+
+
+def test_a_run_killed_mid_way_leaves_the_previous_final_adapter_as_it_was(tiny_model_dir, tmp_path):
+    """A second run into the same folder dies mid-way (kill -9): the first run's final/ is untouched."""
+    import hashlib
+    import json
+    import subprocess
+    import sys
+
+    from llm_module.engine import Engine
+    from llm_module.engine.state import StateFile
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Code of item {i}?", "input": "",
+                                        "output": f"Item {i} has code Z{i}."}) + "\n" for i in range(8)))
+    out = tmp_path / "run"
+    engine = Engine(state_file=StateFile(tmp_path / "home" / "state.json"))
+    try:
+        engine.setup(str(tiny_model_dir))
+        engine.train(str(data), str(out), {"MICRO_BATCH_SIZE": 2, "BATCH_SIZE": 2, "EPOCHS": 1, "LORA_R": 4},
+                     show_progress=False)
+    finally:
+        engine.close()
+    final = out / "final"
+
+    def digest() -> dict:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(final.iterdir())}
+
+    before = digest()
+    proc = subprocess.Popen([sys.executable, "-c", TRAINER, str(tiny_model_dir), str(data), str(out),
+                             str(tmp_path / "home2")], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # the second run is well under way, checkpoints on disk
+            if (json.loads(line).get("step") or 0) >= 5:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+    assert any(out.glob("checkpoint-*")), "the second run had started writing"
+    assert digest() == before

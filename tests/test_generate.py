@@ -7,9 +7,9 @@ import threading
 import pytest
 
 from llm_module.engine import Engine
+from llm_module.engine.state import StateFile
 from llm_module.errors import InvalidInput, LLMError, PayloadTooLarge
-from llm_module.generation import Limits
-from llm_module.state import StateFile
+from llm_module.settings import Settings
 
 GREEDY = {"do_sample": False, "max_new_tokens": 8}
 
@@ -17,7 +17,7 @@ GREEDY = {"do_sample": False, "max_new_tokens": 8}
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, tmp_path_factory):
     state = StateFile(tmp_path_factory.mktemp("state") / "state.json")
-    eng = Engine(state_file=state, limits=Limits(max_prompts=64))
+    eng = Engine(Settings(max_prompts=64, home=state.path.parent), state_file=state)
     eng.setup(str(tiny_model_dir))
     yield eng
     eng.close()
@@ -64,12 +64,6 @@ def test_stop_cuts_before_the_stop_string(engine):
     stop = text[2:4]
     cut = engine.generate("Hello", return_full_text=False, do_sample=False, max_new_tokens=20, stop=[stop])
     assert cut[0]["generated_text"] == text[: text.find(stop)]
-
-
-def test_generation_config_options_pass_through(engine):
-    result = engine.generate("Hello", do_sample=False, max_new_tokens=6, min_new_tokens=6,
-                             no_repeat_ngram_size=2, repetition_penalty=1.3, return_full_text=False)
-    assert engine.tokenizer(result[0]["generated_text"], add_special_tokens=False)["input_ids"]
 
 
 def test_chat_and_messages_use_the_template(engine):
@@ -139,82 +133,15 @@ def test_stream_yields_the_same_text_as_generate(engine):
     assert "".join(pieces) == engine.generate("Hello there", return_full_text=False, **GREEDY)[0]["generated_text"]
 
 
-def test_a_lone_batch_yields_to_callers_arriving_and_every_text_stays_the_same(tiny_model_dir, tmp_path):
-    """A long greedy generation, then three callers while it runs: it stops, and goes on merged with them."""
-    import time
-
-    engine = Engine(state_file=StateFile(tmp_path / "state.json"))
-    engine.setup(str(tiny_model_dir))
-    long_call = {"max_new_tokens": 300, "min_new_tokens": 290, "do_sample": False, "chat": True}
-    prompts = ["Tell me a story", "Hi", "Why is the sky blue?", "List three colours"]
-    solo = [engine.generate(p, **long_call) for p in prompts]  # one at a time: nothing to yield to
-    assert engine._batcher.resumed == 0
-    batches = engine._batcher.batches_run
-    results: dict = {}
-    first = threading.Thread(target=lambda: results.__setitem__(0, engine.generate(prompts[0], **long_call)))
-    first.start()
-    while engine._batcher.batches_run == batches:  # the long call's batch has started
-        time.sleep(0.001)
-    others = [threading.Thread(target=lambda i=i: results.__setitem__(i, engine.generate(prompts[i], **long_call)))
-              for i in (1, 2, 3)]
-    for thread in others:
-        thread.start()
-    for thread in [first, *others]:
-        thread.join(timeout=120)
-    assert [results[i] for i in range(4)] == solo
-    # It yielded as the newcomers arrived and ran all four together.
-    assert engine._batcher.resumed >= 1 and engine._batcher.largest_batch == 4
-    engine.close()
-
-
-def test_only_plain_one_row_requests_may_be_stopped_and_resumed(engine):
-    plain = engine.build_request("Hi", **GREEDY)
-    assert plain.resumable
-    for kwargs in ({"seed": 3, "do_sample": True}, {"stop": ["."]}, {"num_return_sequences": 2, "do_sample": True},
-                   {"num_beams": 2}, {"max_length": 40}):
-        assert not engine.build_request("Hi", **{**GREEDY, **kwargs}).resumable, kwargs
-    assert not engine.build_request(["Hi", "Yo"], **GREEDY).resumable
-
-
-def test_resumed_rows_keep_their_own_minimum_length():
-    """A resumed row has fewer tokens still to force: end-of-sequence is held back per row."""
-    import torch
-
-    from llm_module.generation import row_min_new_tokens
-
-    processor = row_min_new_tokens(prompt_len=5, minimums=[3, 0], eos_ids={2})
-    scores = processor(torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 4))  # 1 new token so far
-    assert scores[0, 2] == -float("inf") and scores[1, 2] == 0 and bool((scores[:, [0, 1, 3]] == 0).all())
-    later = processor(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 4))  # 3 new tokens
-    assert bool((later == 0).all())
-
-
-def test_min_new_tokens_processor_masks_what_transformers_masks():
-    """The engine's own min-length processor (end-of-sequence columns only) gives the scores that
-    transformers' vocabulary-wide one gives, for plain rows and for rows expanded into beams."""
-    import torch
-    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
-
-    from llm_module.generation import row_min_new_tokens
-
-    ours = row_min_new_tokens(prompt_len=4, minimums=[3, 3], eos_ids={2, 5})
-    theirs = MinNewTokensLengthLogitsProcessor(4, 3, [2, 5])
-    scores = torch.randn(6, 9)  # 2 prompts x 3 beams
-    for length in range(4, 9):
-        ids = torch.zeros(6, length, dtype=torch.long)
-        assert torch.equal(ours(ids, scores), theirs(ids, scores)), length
-    assert ours(torch.zeros(6, 5, dtype=torch.long), scores)[:, [2, 5]].isinf().all()
-
-
 def test_min_new_tokens_holds_back_end_of_sequence_like_transformers(tiny_model_dir, tmp_path):
     """With end-of-sequence set to a token greedy decoding reaches early, min_new_tokens must carry
     generation past it, to the very tokens transformers' own processors give."""
     import torch
 
-    eng = Engine(state_file=StateFile(tmp_path / "state.json"))
+    eng = Engine(Settings(home=tmp_path), state_file=StateFile(tmp_path / "state.json"))
     eng.setup(str(tiny_model_dir))
     try:
-        tokenizer, model = eng.tokenizer, eng._loaded.model
+        tokenizer, model = eng.tokenizer, eng.host.model
         enc = tokenizer(["Hello there", "A longer prompt here"], return_tensors="pt", padding=True)
         with torch.inference_mode():
             free = model.generate(**enc, do_sample=False, max_new_tokens=4, pad_token_id=tokenizer.pad_token_id)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_module.paths import model_cache_dir
+from llm_module.settings import Settings
 from tests.jsctl_utils import JacSession
 
 
@@ -14,7 +14,7 @@ def _session(tmp_path: Path) -> JacSession:
     # A private LLM_MODULE_HOME (state), the shared model cache (no re-conversion).
     return JacSession(tmp_path / "jsctl", env={
         "LLM_MODULE_HOME": str(tmp_path / "home"),
-        "LLM_MODULE_CACHE": str(model_cache_dir()),
+        "LLM_MODULE_CACHE": str(Settings().models_dir),
     })
 
 

@@ -15,14 +15,16 @@ import pytest
 import torch
 
 from llm_module.engine import Engine
-from llm_module.state import StateFile
+from llm_module.engine.state import StateFile
+from llm_module.settings import Settings
 
 GREEDY = {"max_new_tokens": 10, "do_sample": False}
 PROMPTS = ["Hi", "Tell me a long story about a lighthouse keeper and the sea", "Why is the sky blue?"]
 
 
-def _engine(model_dir, tmp_path, name: str, prefix_cache: bool, **kwargs) -> Engine:
-    engine = Engine(state_file=StateFile(tmp_path / f"{name}.json"), prefix_cache=prefix_cache, **kwargs)
+def _engine(model_dir, tmp_path, name: str, prefix_cache: bool) -> Engine:
+    engine = Engine(Settings(home=tmp_path / name, prefix_cache=prefix_cache),
+                    state_file=StateFile(tmp_path / f"{name}.json"))
     engine.setup(str(model_dir))
     return engine
 
@@ -47,7 +49,8 @@ def test_chat_prompts_give_the_same_text_with_and_without_the_cache(engines):
     ]
     for call in calls:
         assert cached.generate(**call, **GREEDY) == plain.generate(**call, **GREEDY), call
-    assert cached._prefixes.misses == 3 and cached._prefixes.hits >= 1  # the cache was used and reused
+    prefixes = cached.serving.prefixes
+    assert prefixes.hits >= 4 and len(prefixes) == 3  # three prefixes (plain, system, a history), each reused
     assert "".join(cached.stream(PROMPTS[1], chat=True, **GREEDY)) == "".join(
         plain.stream(PROMPTS[1], chat=True, **GREEDY))
 
@@ -55,20 +58,31 @@ def test_chat_prompts_give_the_same_text_with_and_without_the_cache(engines):
 def test_plain_prompts_do_not_touch_the_cache(engines):
     cached, plain = engines
     assert cached.generate(PROMPTS, **GREEDY) == plain.generate(PROMPTS, **GREEDY)
-    assert (cached._prefixes.hits, cached._prefixes.misses) == (0, 0)
+    assert (cached.serving.prefixes.hits, cached.serving.prefixes.misses) == (0, 0)
 
 
 def test_mixed_adapters_in_one_batch_each_get_their_own_prefix(engines, tiny_adapter_dir):
+    import threading
+
     cached, plain = engines
     for engine in engines:
         engine.load_adapter(str(tiny_adapter_dir), "style")
-    rows = ((0, "style"), (1, None), (2, "style"))
-    # _run_batch is what the batcher calls with the requests that arrived together.
-    with_cache, without = (e._run_batch([e.build_request(PROMPTS[i], chat=True, adapter=a, **GREEDY) for i, a in rows])
-                           for e in engines)
+    rows = ((0, "style"), (1, "base"), (2, "style"), (1, "style"), (0, "base"))
+
+    def together(engine) -> list:
+        results: dict = {}
+        threads = [threading.Thread(target=lambda i=i, p=p, a=a: results.__setitem__(i, engine.generate(
+            PROMPTS[p], chat=True, adapter=a, **GREEDY))) for i, (p, a) in enumerate(rows)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        return [results[i] for i in range(len(rows))]
+
+    with_cache, without = together(cached), together(plain)
     assert with_cache == without
-    assert with_cache[0] != plain.generate(PROMPTS[0], chat=True, adapter="base", **GREEDY)  # the adapter mattered
-    assert cached._prefixes.misses == 2  # one prefix, two adapters
+    assert with_cache[0] != with_cache[4]  # the adapter mattered
+    assert len(cached.serving.prefixes) == 2  # one prefix, two adapters
 
 
 def _negated_adapter(source, target):
@@ -97,11 +111,11 @@ def test_a_replaced_or_reloaded_adapter_never_sees_stale_keys(engines, tiny_adap
 
 
 def test_the_cache_holds_a_bounded_number_of_prefixes(tiny_model_dir, tmp_path):
-    engine = _engine(tiny_model_dir, tmp_path, "bounded", True, batching=False)
-    engine._prefixes.max_entries = 2
+    engine = _engine(tiny_model_dir, tmp_path, "bounded", True)
+    engine.serving.prefixes.max_entries = 2
     for system in ("one", "two", "three"):
         engine.generate("Hi", chat=True, system_prompt=system, max_new_tokens=1)
-    assert len(engine._prefixes) == 2
+    assert len(engine.serving.prefixes) == 2
     engine.close()
 
 
@@ -124,25 +138,27 @@ def test_default_model_answer_likelihood_within_one_percent(tmp_path):
     """
     from transformers import DynamicCache
 
-    from llm_module.speed import WeightOnlyLinear
+    from llm_module.runtime.quantize import WeightOnlyLinear
 
-    engine = Engine(state_file=StateFile(tmp_path / "state.json"), batching=False)
+    engine = Engine(Settings(home=tmp_path), state_file=StateFile(tmp_path / "state.json"))
     engine.setup()
-    tokenizer, model = engine._loaded.tokenizer, engine._model
+    tokenizer, model = engine.host.tokenizer, engine.host.model
     for layer in model.modules():
         if isinstance(layer, WeightOnlyLinear):
             layer.input_parts = 2
     ratios = []
     for question in ["Why is the sky blue?", "Give me a recipe for pancakes.", "What makes a good teacher?"]:
-        request = engine.build_request(question, chat=True)
+        call = engine.serving.build(question, chat=True)
         answer = engine.generate(question, chat=True, max_new_tokens=40, do_sample=False)[0]["generated_text"]
-        prompt_ids = tokenizer(request.texts[0], add_special_tokens=False)["input_ids"]
-        prefix_ids = tokenizer(request.prefix, add_special_tokens=False)["input_ids"]
+        prompt_ids, prefix_ids = call.request.prompts[0], call.request.prefix
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         assert 10 < len(prefix_ids) < len(prompt_ids) and prompt_ids[:len(prefix_ids)] == prefix_ids
+        entry = engine.serving.prefixes.get(prefix_ids, None)  # what the serving core cached for the prefix
+        assert entry is not None
         with torch.inference_mode():
             full = _answer_nll(model, prompt_ids, answer_ids)
-            cache = DynamicCache(ddp_cache_data=engine._prefix_key_values(prefix_ids, None), config=model.config)
+            layers = [(k[None].clone(), v[None].clone()) for k, v in entry]
+            cache = DynamicCache(ddp_cache_data=layers, config=model.config)
             cached = _answer_nll(model, prompt_ids[len(prefix_ids):], answer_ids, cache)
         ratios.append(math.exp(cached - full))
     engine.close()

@@ -122,3 +122,24 @@ def test_k8s_replicas_share_one_adapters_volume():
     assert float(env["LLM_MODULE_ADAPTERS_POLL_S"]) > 0
     assert "LLM_MODULE_HOME" not in env  # state.json stays per pod: replicas must not overwrite each other's
     assert docs["Service"]["spec"]["sessionAffinity"] == "ClientIP"  # a client's job status reaches its pod
+
+
+def test_a_reload_of_broken_files_keeps_the_adapter_answering_as_before(tiny_model_dir, tiny_adapter_dir, tmp_path):
+    """A retrain wrote broken weights into the shared folder: POST /v1/adapters/reload reports the
+    failure and the adapter keeps its previous weights (not the base model's answers)."""
+    root = tmp_path / "volume"
+    shutil.copytree(tiny_model_dir, root / "model")
+    shutil.copytree(tiny_adapter_dir, root / "adapters" / "a")
+    server = start_server(tmp_path / "server", "--model", str(root / "model"), "--data-root", str(root),
+                          "--adapters-dir", "adapters")
+    try:
+        before, base = greedy(server, "a"), greedy(server, "base")
+        assert before != base
+        weights = root / "adapters" / "a" / "adapter_model.safetensors"
+        weights.write_bytes(b"half-written garbage")  # the same folder: what a reload re-reads
+        report = reload(server)
+        assert "a" in report["failed"] and "not a readable safetensors file" in report["failed"]["a"], report
+        assert adapters(server) == ["a"]
+        assert greedy(server, "a") == before
+    finally:
+        server.stop()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from llm_module.server.settings import Settings
+from llm_module.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 

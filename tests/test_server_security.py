@@ -7,7 +7,7 @@ import os
 import pytest
 import requests
 
-from llm_module import llm
+from llm_module.actions import ACTIONS
 from tests.conftest import start_server
 
 pytestmark = pytest.mark.e2e
@@ -39,7 +39,7 @@ def assert_error(response, status: int, *fragments: str) -> None:
 
 
 # ------------------------------------------------------------------ token
-@pytest.mark.parametrize("name", sorted(llm.ACTIONS))
+@pytest.mark.parametrize("name", sorted(ACTIONS))
 def test_every_action_is_refused_without_the_token(locked_server, name):
     assert_error(post(locked_server, f"/{name}", {}, token=None), 401, "needs a token")
     assert_error(post(locked_server, f"/{name}/", {}, token="wrong-token-123"), 401, "token is wrong")
@@ -54,6 +54,17 @@ def test_api_routes_are_refused_without_the_token(locked_server):
     # A token-shaped path without a token segment, or with the token in a query string, is not enough.
     assert_error(requests.post(f"{locked_server.url}/t//generate", json={"prompt": "Hi"}), 401)
     assert_error(requests.post(f"{locked_server.url}/generate?token={TOKEN}", json={"prompt": "Hi"}), 401)
+
+
+def test_a_wrong_token_of_the_right_length_is_refused(locked_server):
+    """hmac.compare_digest: refused like any wrong token, in time that does not depend on where it differs."""
+    from llm_module.server.security import tokens_match
+
+    for wrong in (TOKEN[:-1] + "X", "X" + TOKEN[1:], "x" * len(TOKEN)):
+        assert len(wrong) == len(TOKEN) and not tokens_match(wrong, TOKEN)
+        assert_error(post(locked_server, "/model_info", {}, token=wrong), 401, "token is wrong")
+        assert_error(requests.get(f"{locked_server.url}/t/{wrong}/v1/model", timeout=30), 401, "token is wrong")
+    assert tokens_match(TOKEN, TOKEN) and not tokens_match(None, TOKEN)
 
 
 def test_the_token_opens_every_door(locked_server):
@@ -126,9 +137,14 @@ def test_size_caps(locked_server):
     assert_error(post(locked_server, gen, {"prompt": "Hi", "**kwargs": {"num_beams": 64}}), 400, "num_beams")
     messages = [{"role": "user", "content": "y" * 300}, {"role": "user", "content": "y" * 300}]
     assert_error(post(locked_server, gen, {"**kwargs": {"messages": messages}}), 413, "cap of 500")
-    # Within the caps it works, and an omitted max_new_tokens falls back to the cap, not 256.
-    ok = post(locked_server, gen, {"prompt": "Hi", "**kwargs": {"do_sample": False}})
+    # Within the caps it works, and an omitted max_new_tokens falls back to the cap (16), not 256.
+    ok = post(locked_server, gen, {"prompt": "Hi", "**kwargs": {"do_sample": False, "min_new_tokens": 16}})
     assert ok.status_code == 200, ok.text
+    counted = post(locked_server, "/v1/completions", {"model": "base", "prompt": "Hi", "temperature": 0})
+    assert counted.status_code == 200, counted.text
+    assert counted.json()["usage"]["completion_tokens"] == 16 and counted.json()["choices"][0]["finish_reason"] == \
+        "length"
+    assert ok.json()[0]["generated_text"] == "Hi" + counted.json()["choices"][0]["text"]  # the same 16 tokens
 
 
 def test_body_cap_holds_without_content_length(locked_server):

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from llm_module.engine import Engine
+from llm_module.engine.state import StateFile
 from llm_module.errors import Conflict
-from llm_module.state import StateFile
 
 GREEDY = {"do_sample": False, "max_new_tokens": 8, "return_full_text": False}
 PROMPTS = ["Hello", "The weather", "Once upon a time"]
@@ -60,39 +60,48 @@ def test_generation_on_other_adapters_stays_correct_while_a_job_trains(engine, t
     assert [a["name"] for a in engine.list_adapters()] == ["style"]
 
 
-def test_setup_while_generating_keeps_answering_and_refuses_a_second_setup(engine, tiny_model_dir):
-    expected = engine.generate("Hello", adapter="base", **GREEDY)
+def test_a_setup_answers_from_the_old_model_while_it_loads_then_swaps_and_refuses_a_second(engine, tmp_path):
+    """Two different models: while the new one loads, every answer is the old model's; a second
+    setup meanwhile is refused; once the first finishes, every answer is the new model's."""
+    from tests.conftest import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", seed=77)
+    old = engine.generate("The weather", adapter="base", **GREEDY)
+    loading, release = threading.Event(), threading.Event()
+    stage = engine.host.stage
+
+    def held_stage(args):  # the new model is loaded, but not yet served, until released
+        staged = stage(args)
+        loading.set()
+        release.wait(60)
+        return staged
+
+    engine.host.stage = held_stage
     results, errors, stop = [], [], threading.Event()
 
     def keep_generating() -> None:
         while not stop.is_set():
             try:
-                results.append(engine.generate("Hello", adapter="base", **GREEDY))
+                results.append(engine.generate("The weather", adapter="base", **GREEDY))
             except Exception as exc:  # a failure here is what the test looks for
                 errors.append(exc)
 
+    setup = threading.Thread(target=lambda: engine.setup(str(other)))
+    setup.start()
+    assert loading.wait(60)
     worker = threading.Thread(target=keep_generating)
     worker.start()
-    outcomes: list = []
-    setups = [threading.Thread(target=lambda: outcomes.append(_try_setup(engine, str(tiny_model_dir))))
-              for _ in range(2)]
-    try:
-        for t in setups:
-            t.start()
-        for t in setups:
-            t.join(120)
-    finally:
-        stop.set()
-        worker.join(60)
-    assert not errors and results, errors[:1]
-    assert all(r == expected for r in results)
-    assert engine.generate("Hello", **GREEDY) == expected
-    assert len(outcomes) == 2 and outcomes.count("ok") >= 1
-    assert all(o == "ok" or "Another setup is running" in o for o in outcomes)
-
-
-def _try_setup(engine: Engine, model: str) -> str:
-    try:
-        return "ok" if engine.setup(model)["ready"] else "not ready"
-    except Conflict as exc:
-        return str(exc)
+    with pytest.raises(Conflict, match="Another setup is running"):
+        engine.setup(str(other))
+    while len(results) < 3 and not errors:
+        time.sleep(0.01)
+    during = list(results)
+    release.set()
+    setup.join(120)
+    stop.set()
+    worker.join(60)
+    new = engine.generate("The weather", **GREEDY)
+    assert not errors, errors[:1]
+    assert during and all(r == old for r in during), "an answer during the load came from another model"
+    assert new != old and engine.describe()["model"] == "other"
+    assert all(r in (old, new) for r in results)

@@ -1,4 +1,4 @@
-"""Correctness of each serving-speed optimisation in llm_module.speed (the bench measures the speed).
+"""Correctness of each model patch of llm_module.runtime (the bench measures the speed).
 
 Each optimisation must compute what it replaces: packed weights reproduce their dequantized
 reference, a GGUF Q4_1 grid survives int4 packing exactly, LoRA adapters still apply on a
@@ -15,16 +15,16 @@ import pytest
 import torch
 from torch import nn
 
-from llm_module.speed import (
+from llm_module.runtime.norms import use_fused_rms_norm
+from llm_module.runtime.prepare import is_gguf_conversion, prepare, resolve_quant_mode
+from llm_module.runtime.quantize import (
     COMPUTE_DTYPE,
     INT4_GROUP_SIZE,
     SharedInputCast,
     WeightOnlyLinear,
-    is_gguf_conversion,
     quantize_linears,
-    resolve_quant_mode,
-    use_fused_rms_norm,
 )
+from llm_module.settings import Settings
 
 HELD_OUT = Path(__file__).resolve().parents[1] / "bench" / "data" / "heldout.txt"
 
@@ -40,11 +40,18 @@ def _bf16_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def test_int8_matches_its_dequantized_weight():
+    from llm_module.runtime.quantize import OWN_INT8, _int8_grid
+
     linear = _linear(bias=True)
     packed = WeightOnlyLinear(linear, "int8")
-    dequantized = packed.weight.float() * packed.scales.float()[:, None]
     x = torch.randn(5, 128)
-    expected = _bf16_reference(x, dequantized) + linear.bias
+    if packed.kernel == OWN_INT8:  # our kernel: int8 per group of 32 inputs, the input read as int8 too
+        codes, scales = _int8_grid(linear.weight.detach())
+        dequantized = (codes.float().view(96, 4, 32) * scales.float()[..., None]).view(96, 128)
+        expected = x @ dequantized.t() + linear.bias
+    else:  # torch's: int8 per row, bf16 inputs
+        dequantized = packed.weight.float() * packed.scales.float()[:, None]
+        expected = _bf16_reference(x, dequantized) + linear.bias
     torch.testing.assert_close(packed(x), expected, rtol=2e-2, atol=2e-2)
     assert (dequantized - linear.weight).abs().max() <= linear.weight.abs().max() / 127
 
@@ -116,7 +123,7 @@ def test_lora_still_applies_on_a_quantized_base(tiny_model_dir, tiny_adapter_dir
 def torch_int4_kernel(monkeypatch):
     """Packs int4 layers for torch's kernel, as on a CPU without AVX-512 VNNI (our kernel takes
     float32 rows and needs no bf16 cast)."""
-    from llm_module import int4_kernel
+    from llm_module.runtime import int4_kernel
 
     monkeypatch.setitem(int4_kernel._loaded, "module", None)
 
@@ -171,14 +178,14 @@ def test_fused_rms_norm_is_bitwise_transformers_rms_norm(tiny_model_dir):
 
 
 def test_quant_mode_policy(monkeypatch):
-    monkeypatch.delenv("LLM_MODULE_QUANTIZE", raising=False)
     assert resolve_quant_mode("auto", "cpu", torch.float32) == "int4"
     assert resolve_quant_mode("auto", "cpu", torch.float32, from_gguf=False) == "none"  # full precision
     assert resolve_quant_mode("auto", "cpu", torch.bfloat16) == "none"
     assert resolve_quant_mode("auto", "cuda", torch.float32) == "none"
-    monkeypatch.setenv("LLM_MODULE_QUANTIZE", "none")
-    assert resolve_quant_mode(None, "cpu", torch.float32) == "none"
-    assert resolve_quant_mode("auto", "cpu", torch.float32) == "none"  # the engine passes "auto"
+    assert resolve_quant_mode("none", "cpu", torch.float32) == "none"
+    assert resolve_quant_mode(None, "cpu", torch.float32) == "int4"
+    monkeypatch.setenv("LLM_MODULE_QUANTIZE", "none")  # the setting, read once by Settings
+    assert Settings().quantize == "none"
     with pytest.raises(ValueError):
         resolve_quant_mode("int3", "cpu", torch.float32)
 
@@ -186,7 +193,7 @@ def test_quant_mode_policy(monkeypatch):
 def test_only_a_4bit_gguf_conversion_gets_int4_by_default(tmp_path):
     from llm_module.loader import convert_gguf, default_gguf_path
 
-    assert is_gguf_conversion(str(convert_gguf(default_gguf_path())))
+    assert is_gguf_conversion(str(convert_gguf(default_gguf_path(), Settings().models_dir)))
     (tmp_path / "llm_module_source.json").write_text('{"gguf": "/m/model.Q8_0.gguf"}')
     assert not is_gguf_conversion(str(tmp_path))
     assert not is_gguf_conversion(str(tmp_path / "plain-hf-dir"))
@@ -210,7 +217,7 @@ def test_default_model_perplexity_within_one_percent(mode, dense):
     """Windows of 256 tokens: the packed kernel, or with ``dense`` the bf16 copy prompts are read with."""
     from llm_module.loader import load_model
 
-    loaded = load_model()
+    loaded = load_model(models_dir=Settings().models_dir)
     text = HELD_OUT.read_text(encoding="utf-8")
     reference = held_out_perplexity(loaded.model, loaded.tokenizer, text)
     quantize_linears(loaded.model, mode, dense_prefill=dense)
@@ -218,25 +225,23 @@ def test_default_model_perplexity_within_one_percent(mode, dense):
     assert abs(quantized / reference - 1) < 0.01, (mode, reference, quantized)
 
 
-def test_packed_weights_cache_gives_the_same_model(tiny_model_dir, tmp_path, monkeypatch):
+def test_packed_weights_cache_gives_the_same_model(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from llm_module.speed import DENSE_MIN_ROWS, packed_cache_file, prepare_for_inference
+    from llm_module.runtime.quantize import DENSE_MIN_ROWS, packed_cache_file
 
-    monkeypatch.setenv("LLM_MODULE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("LLM_MODULE_QUANTIZE", raising=False)
-    monkeypatch.setenv("LLM_MODULE_DENSE_PREFILL", "1")
-    cache_file = packed_cache_file(str(tiny_model_dir), "int4", dense=True)
-    assert cache_file is not None and packed_cache_file("org/hub-id", "int4") is None
-    assert packed_cache_file(str(tiny_model_dir), "int4") != cache_file
+    settings = Settings(cache=tmp_path / "cache", dense_prefill=True)
+    cache_file = packed_cache_file(str(tiny_model_dir), "int4", settings.models_dir, dense=True)
+    assert cache_file is not None and packed_cache_file("org/hub-id", "int4", settings.models_dir) is None
+    assert packed_cache_file(str(tiny_model_dir), "int4", settings.models_dir) != cache_file
     short = torch.tensor([[1, 42, 7, 99, 3]])  # decoding-sized: the packed kernel
     long = torch.arange(1, DENSE_MIN_ROWS + 5)[None]  # prompt-sized: the dense copy
     logits = []
     for _ in range(2):  # packs and saves, then reads the saved tensors back
         model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
-        done = prepare_for_inference(model, "cpu", "int4", source=str(tiny_model_dir))
-        assert done["quantized_linears"] == 15 and done["dense_prefill"]
+        done = prepare(model, settings, device="cpu", quantize="int4", source=str(tiny_model_dir))
+        assert done.quantized_linears == 15 and done.dense_prefill
         assert cache_file.is_file()
         with torch.inference_mode():
             logits.append((model(short).logits, model(long).logits))
@@ -245,7 +250,7 @@ def test_packed_weights_cache_gives_the_same_model(tiny_model_dir, tmp_path, mon
     assert sum(name.endswith(".dense") for name in load_file(str(cache_file))) == 14  # all but the head
     cache_file.write_bytes(b"torn")  # a damaged cache is packed afresh, not fatal
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
-    prepare_for_inference(model, "cpu", "int4", source=str(tiny_model_dir))
+    prepare(model, settings, device="cpu", quantize="int4", source=str(tiny_model_dir))
     with torch.inference_mode():
         torch.testing.assert_close(model(short).logits, logits[0][0], rtol=0, atol=0)
         torch.testing.assert_close(model(long).logits, logits[0][1], rtol=0, atol=0)
@@ -254,7 +259,7 @@ def test_packed_weights_cache_gives_the_same_model(tiny_model_dir, tmp_path, mon
 def test_parameter_count_is_unchanged_by_packing(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from llm_module.speed import parameter_count
+    from llm_module.runtime.quantize import parameter_count
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     before = sum(p.numel() for p in model.parameters())
@@ -264,7 +269,7 @@ def test_parameter_count_is_unchanged_by_packing(tiny_model_dir):
 
 
 def test_dense_prefill_copy_serves_long_inputs_and_the_packed_weight_short_ones():
-    from llm_module.speed import DENSE_MIN_ROWS
+    from llm_module.runtime.quantize import DENSE_MIN_ROWS
 
     linear = _linear()
     packed = WeightOnlyLinear(linear, "int4")

@@ -1,6 +1,6 @@
-"""Model work never runs in the caller's thread: only the batcher's worker is a long-lived torch thread.
+"""Model work never runs in the caller's thread: only the serving loop is a long-lived torch thread.
 
-Why it matters is in llm_module/threads.py (libgomp stops spin-waiting once a second long-lived
+Why it matters is in llm_module/runtime/threads.py (libgomp stops spin-waiting once a second long-lived
 thread has run torch ops, halving single-stream speed on 2 cores); the speed itself is measured in
 bench/, this checks the rule that keeps it.
 """
@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from llm_module.threads import run_in_fresh_thread
+from llm_module.runtime.threads import run_in_fresh_thread
 
 RECORDS = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
            {"instruction": "Name a fruit.", "input": "", "output": "A pear."}]
@@ -22,7 +22,7 @@ RECORDS = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
 def forward_threads(engine):
     """The threads that ran a forward pass of the engine's model, recorded by a hook on the embedding."""
     seen: list[threading.Thread] = []
-    embedding = engine._loaded.model.get_input_embeddings()
+    embedding = engine.host.model.get_input_embeddings()
     handle = embedding.register_forward_pre_hook(lambda module, args: seen.append(threading.current_thread()))
     yield seen
     handle.remove()
@@ -32,7 +32,7 @@ def test_no_forward_pass_runs_in_the_callers_thread(engine, forward_threads, tin
     data = tmp_path / "data.json"
     data.write_text(json.dumps(RECORDS))
     engine.generate("Hello", max_new_tokens=3, do_sample=False)
-    assert forward_threads and {t.name for t in forward_threads} == {"llm-batcher"}
+    assert forward_threads and {t.name for t in forward_threads} == {"llm-serving"}
     engine.load_adapter(str(tiny_adapter_dir), "style")
     engine.generate("Hello", adapter="style", max_new_tokens=3, do_sample=False)
     engine.evaluate(str(data), adapter="style")
@@ -42,7 +42,7 @@ def test_no_forward_pass_runs_in_the_callers_thread(engine, forward_threads, tin
     caller = threading.current_thread()
     assert len(forward_threads) > 5
     assert caller not in forward_threads, "a forward pass ran in the caller's (long-lived) thread"
-    assert not any(t.is_alive() for t in forward_threads if t.name != "llm-batcher")
+    assert {t.name for t in forward_threads} == {"llm-serving"}  # evaluation and scoring too
 
 
 def test_fresh_thread_returns_results_and_raises_errors():
@@ -52,18 +52,17 @@ def test_fresh_thread_returns_results_and_raises_errors():
         run_in_fresh_thread(lambda: {}["gone"])
 
 
-def test_streams_run_on_the_batcher_thread_and_stop_when_the_reader_leaves(engine, forward_threads):
+def test_streams_run_on_the_serving_thread_and_stop_when_the_reader_leaves(engine, forward_threads):
     pieces = engine.stream("Once upon a time", max_new_tokens=200, min_new_tokens=200, do_sample=False)
     next(pieces)
     pieces.close()  # a client that disconnected after the first piece
-    engine._batcher.submit_call(lambda: None).result(timeout=60)  # queued behind the stream's work
-    assert {t.name for t in forward_threads} == {"llm-batcher"}
+    engine.serving.call(lambda: None)  # runs between two steps: the stream's row has gone by then
+    assert {t.name for t in forward_threads} == {"llm-serving"}
     assert len(forward_threads) < 100, f"{len(forward_threads)} forward passes: the stream ran on without a reader"
 
 
-def test_calls_run_on_the_worker_after_the_queued_batches_and_raise_their_errors(engine):
-    worker = engine._batcher.submit_call(lambda: threading.current_thread().name).result(timeout=60)
-    assert worker == "llm-batcher"
+def test_calls_run_on_the_serving_thread_and_raise_their_errors(engine):
+    assert engine.serving.call(lambda: threading.current_thread().name) == "llm-serving"
     with pytest.raises(ZeroDivisionError):
-        engine._batcher.submit_call(lambda: 1 / 0).result(timeout=60)
-    assert engine.generate("Hi", max_new_tokens=2, do_sample=False)  # the worker lives on
+        engine.serving.call(lambda: 1 / 0)
+    assert engine.generate("Hi", max_new_tokens=2, do_sample=False)  # the loop lives on

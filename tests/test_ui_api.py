@@ -133,6 +133,29 @@ def test_upload_is_stored_under_the_data_root_and_capped(server, data_root):
     assert sorted(p.name for p in (data_root / "uploads").iterdir()) == ["fresh.jsonl"]
 
 
+def test_an_upload_over_the_cap_is_refused_while_it_streams_and_leaves_nothing(server, data_root):
+    def chunks():  # no Content-Length: the cap holds while the body streams in
+        for _ in range(8):
+            yield b"y" * 1024
+
+    response = requests.put(f"{server.url}/v1/files/streamed.jsonl", data=chunks(), headers=AUTH, timeout=30)
+    assert "over this server's cap" in error_of(response, 413)
+    uploads = data_root / "uploads"
+    assert not (uploads / "streamed.jsonl").exists()
+    assert not [p.name for p in uploads.iterdir() if p.name.startswith(".")] if uploads.exists() else True
+
+
+def test_a_failed_upload_leaves_no_partial_file(tmp_path, monkeypatch):
+    """The file is written under a temporary name and renamed: a write that fails midway leaves nothing."""
+    def broken_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(routes_ui.os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        routes_ui.save_upload(tmp_path, tmp_path, "data.jsonl", b'{"a": 1}\n', 1024, overwrite=False)
+    assert list((tmp_path / "uploads").iterdir()) == []
+
+
 def test_job_loss_of_an_unknown_job_is_404(server):
     assert "No job" in error_of(requests.get(server.url + "/v1/jobs/nope/loss", headers=AUTH, timeout=10), 404)
 

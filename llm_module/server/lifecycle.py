@@ -8,7 +8,7 @@ import time
 
 from llm_module.engine import Engine
 from llm_module.errors import NotReady
-from llm_module.server.settings import Settings
+from llm_module.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,25 @@ class StartupLoad:
                               reload_remembered=True)
             self.state = "loaded"
             log.info("Model loaded: %s", self.engine.describe().get("model"))
+            self._resume_interrupted_jobs()
         except Exception as exc:  # reported by /readyz and by every action until a setup succeeds
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("Start-up model load failed: %s", self.error)
         finally:
             self._done.set()
+
+    def _resume_interrupted_jobs(self) -> None:
+        """Training jobs the last process left running: resumed with the resume_interrupted_jobs setting."""
+        for job in self.engine.jobs.interrupted():
+            if not self.settings.resume_interrupted_jobs:
+                log.info("Job %s was interrupted (last checkpoint %s); POST /v1/jobs/%s/resume continues it", job.id,
+                         job.progress.get("last_checkpoint"), job.id)
+                continue
+            try:
+                self.engine.resume_job(job.id)
+                log.info("Resumed interrupted job %s from %s", job.id, job.progress.get("last_checkpoint"))
+            except Exception as exc:  # one bad record must not keep the server from serving
+                log.warning("Could not resume job %s: %s", job.id, exc)
 
     def wait(self, timeout: float) -> None:
         """Block until the start-up load is over; NotReady if it is still running after ``timeout``."""

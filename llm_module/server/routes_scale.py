@@ -19,39 +19,13 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from llm_module.adapters import NAME_RE
 from llm_module.engine import Engine
+from llm_module.engine.adapter_files import PICKLE_WEIGHTS_FILE, WEIGHTS_FILE, adapter_folders, fingerprint
 from llm_module.errors import InvalidInput, NotReady
+from llm_module.server.errors import documented
 from llm_module.server.lifecycle import StartupLoad
-from llm_module.server.settings import Settings
 
 log = logging.getLogger(__name__)
-
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-
-def adapter_folders(root: Path) -> dict[str, Path]:
-    """{name: adapter directory} for each adapter folder directly inside ``root`` (hidden ones skipped)."""
-    found = {}
-    for child in sorted(root.iterdir()) if root.is_dir() else ():
-        if child.name.startswith(".") or not child.is_dir() or not NAME_RE.match(child.name):
-            continue
-        for candidate in (child, child / "final"):
-            if (candidate / "adapter_config.json").is_file():
-                found[child.name] = candidate
-                break
-    return found
-
-
-def fingerprint(adapter_dir: Path) -> tuple | None:
-    """What changes when an adapter is rewritten: its weight file's inode, size and mtime."""
-    for name in WEIGHT_FILES:
-        try:
-            stat = (adapter_dir / name).stat()
-        except OSError:
-            continue
-        return stat.st_ino, stat.st_size, stat.st_mtime_ns
-    return None
 
 
 class SharedAdapters:
@@ -67,7 +41,7 @@ class SharedAdapters:
     def sync(self) -> dict:
         with self._lock:
             report: dict = {"adapters_dir": str(self.root), "loaded": [], "reloaded": [], "unchanged": [],
-                            "unloaded": [], "skipped": {}, "failed": {}}
+                            "unloaded": [], "on_demand": [], "skipped": {}, "failed": {}}
             found = adapter_folders(self.root)
             listed = self.engine.list_adapters()
             live = {a["name"]: Path(a["path"]) for a in listed}
@@ -93,6 +67,9 @@ class SharedAdapters:
         if live_path is not None and self.served.get(name) == current:
             report["unchanged"].append(name)
             return
+        if live_path is None and len(self.engine.adapters.infos) >= self.engine.settings.max_loaded_adapters:
+            report["on_demand"].append(name)  # past the bound: it loads when a request names it
+            return
         try:
             self.engine.load_adapter(str(adapter_dir), name, replace=live_path is not None)
         except Exception as exc:  # one bad folder must not keep the others (or the replica) from serving
@@ -105,7 +82,7 @@ class SharedAdapters:
 
 def _written_before(adapter_dir: Path, loaded_at: float | None) -> bool:
     """Were the weights on disk written before the live copy was loaded (so it is that version)?"""
-    for name in WEIGHT_FILES:
+    for name in (WEIGHTS_FILE, PICKLE_WEIGHTS_FILE):
         try:
             return loaded_at is not None and (adapter_dir / name).stat().st_mtime <= loaded_at
         except OSError:
@@ -170,28 +147,20 @@ class StartupWithSharedAdapters:
         return status
 
 
-def shared_adapters_dir(settings: Settings) -> Path | None:
-    folder = settings.adapters_dir
-    if folder is None:
-        return None
-    folder = Path(folder).expanduser()
-    if not folder.is_absolute() and settings.data_root is not None:
-        folder = settings.data_root / folder
-    return folder.resolve()
-
-
 def build_router(app: FastAPI) -> APIRouter:
     router = APIRouter()
-    settings: Settings = app.state.settings
-    folder = shared_adapters_dir(settings)
+    settings = app.state.settings
+    folder = app.state.engine.shared_adapters_dir()
     shared = SharedAdapters(app.state.engine, folder) if folder else None
     if shared is not None:
         app.state.startup = StartupWithSharedAdapters(app.state.startup, shared, settings.adapters_poll_s)
     app.state.shared_adapters = shared
 
+    # Documented where it works: on a server with an adapters_dir (elsewhere it answers 400, naming the setting).
     @router.post("/v1/adapters/reload", tags=["adapters"], summary="Load what changed in the shared adapters_dir",
                  description="Loads new adapter folders, reloads retrained ones, unloads removed ones; answers "
-                             "what it did per name. Needs the adapters_dir setting.")
+                             "what it did per name. Needs the adapters_dir setting.",
+                 include_in_schema=shared is not None, responses=documented(503))
     async def reload_adapters() -> dict:
         if shared is None:
             raise InvalidInput("This server has no adapters_dir; start it with --adapters-dir (or "

@@ -16,11 +16,14 @@ import re
 import tempfile
 from pathlib import Path
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, RedirectResponse
 
+from llm_module.engine.adapter_files import META_FILE, adapter_dir_in
 from llm_module.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from llm_module.paths import resolve_user_path
+from llm_module.server.errors import documented
 
 STATIC_DIR = Path(__file__).parent / "static"
 # The page loads nothing from elsewhere: no CDN, no inline script, no framing.
@@ -32,6 +35,12 @@ PAGE_HEADERS = {
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")
 UPLOAD_DIR = "uploads"
 UPLOAD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# The same rule as one pattern, for the OpenAPI schema: UPLOAD_NAME_RE, no "..", a data suffix in any case.
+UPLOAD_NAME_PATTERN = (r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*"
+                       r"\.([jJ][sS][oO][nN][lL]?|[cC][sS][vV]|[tT][xX][tT])$")
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"text/plain": {"schema": {
+    "type": "string", "minLength": 1, "pattern": r"[^ \t\n\r\x0b\x0c]",
+    "description": "The file's contents: UTF-8 text, not only white space."}}}}}
 MAX_LISTED = 500  # files listed by GET /v1/files
 MAX_DEPTH = 5  # folders below the data root searched by GET /v1/files
 MAX_FOLDERS = 2000  # folders visited by GET /v1/files, so a huge tree still answers at once
@@ -71,16 +80,24 @@ def build_router(app: FastAPI) -> APIRouter:
                 summary="Upload a data file (the raw request body) into the data root's uploads/ folder",
                 description=f"The name must end in one of {', '.join(DATA_SUFFIXES)}; the body must be UTF-8 "
                             "text no larger than the server's max_body_bytes. Add ?overwrite=true to replace "
-                            "an earlier upload of the same name.")
-    async def upload_file(name: str, request: Request, overwrite: bool = False) -> dict:
+                            "an earlier upload of the same name. The file is written atomically: a failed "
+                            "upload leaves no partial file.",
+                openapi_extra=UPLOAD_BODY, responses=documented(400, 403, 409, 413))
+    async def upload_file(request: Request,
+                          # Documented, not enforced here: save_upload refuses a bad name with the rule (400).
+                          name: str = PathParam(..., pattern=UPLOAD_NAME_PATTERN, maxLength=100,
+                                                description="The file's name (uploads/<name> in the data root)."),
+                          overwrite: bool = Query(False, description="Replace an earlier upload of this name."),
+                          ) -> dict:
         settings = app.state.settings
         body = await request.body()  # BodyLimitMiddleware has refused anything over max_body_bytes already
         return save_upload(files_root(settings), settings.data_root, name, body, settings.max_body_bytes, overwrite)
 
     @router.get("/v1/jobs/{job_id}/loss", tags=["jobs"], summary="A training job's loss by step",
                 description="While the job runs: the points seen at each poll (or the trainer's own history "
-                            "when it reports one). Once the run wrote training_log.json: every logged step.")
-    async def job_loss(job_id: str) -> dict:
+                            "when it reports one). Once the run wrote training_log.json: every logged step.",
+                responses=documented(404))
+    async def job_loss(job_id: str = PathParam(..., min_length=1, description="A job's id.")) -> dict:
         return loss_history.observe(app.state.engine.job_status(job_id))
 
     return router
@@ -137,11 +154,11 @@ def list_data_root(root: Path) -> dict:
 
 def _is_adapter_folder(folder: Path) -> bool:
     """A LoRA adapter, or an llm.train run folder holding one in final/."""
-    return (folder / "adapter_config.json").is_file() or (folder / "final" / "adapter_config.json").is_file()
+    return adapter_dir_in(folder) is not None
 
 
 def _trained_at(folder: Path) -> float | None:
-    for meta in (folder / "llm_module.json", folder / "final" / "llm_module.json"):
+    for meta in (folder / META_FILE, folder / "final" / META_FILE):
         try:
             return json.loads(meta.read_text(encoding="utf-8")).get("trained_at")
         except (OSError, ValueError, AttributeError):
@@ -180,6 +197,8 @@ def save_upload(root: Path, data_root: Path | None, name: str, body: bytes, cap:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the rename makes it the file
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -266,6 +266,7 @@ function renderAdapterTable() {
     element("td", { className: "row-actions" },
       element("button", { type: "button", onclick: () => useAdapter(adapter.name), "aria-label": `Try ${adapter.name}` }, "Try"),
       element("button", { type: "button", onclick: () => evaluateAdapter(adapter.name), "aria-label": `Evaluate ${adapter.name}` }, "Evaluate"),
+      element("button", { type: "button", onclick: () => exportAdapter(adapter.name), "aria-label": `Export ${adapter.name}` }, "Export"),
       adapter.default
         ? element("button", { type: "button", onclick: () => setDefaultAdapter(null), "aria-label": `Stop using ${adapter.name} by default` }, "Not default")
         : element("button", { type: "button", onclick: () => setDefaultAdapter(adapter.name), "aria-label": `Make ${adapter.name} the default` }, "Make default"),
@@ -299,6 +300,21 @@ function useAdapter(name) {
   $("adapter-a").value = name;
   selectTab($("tab-generate"));
   $("prompt").focus();
+}
+
+async function exportAdapter(name) {
+  const format = $("export-format").value;
+  const status = $("export-status");
+  showError("adapters-error", null);
+  status.textContent = `Exporting ${name} as ${format}…`;
+  try {
+    const result = await apiJson("v1/export", { method: "POST", json: { adapter: name, output_dir: `exports/${name}-${format}`, format, overwrite: true } });
+    const files = result.files.map((f) => `${f.file} (${formatBytes(f.bytes)})`).join(", ");
+    status.textContent = `Exported ${name} to ${result.output_dir} in ${formatNumber(result.seconds, 3)} s: ${files}.`;
+  } catch (error) {
+    status.textContent = "";
+    showError("adapters-error", error);
+  }
 }
 
 function evaluateAdapter(name) {
@@ -567,6 +583,11 @@ async function finishJob(job) {
     failed: `Failed: ${job.error}`,
   };
   $("job-result").textContent = messages[job.state] || job.state;
+  const general = result.general;
+  if (job.state === "done" && general && general.retained != null) {
+    $("job-result").textContent += ` General knowledge kept: ${Math.round(general.retained * 100)}% ` +
+      `(${general.adapter_right} of the ${general.base_right} general questions the base model answers right).`;
+  }
   if (result.warnings && result.warnings.length) $("job-result").textContent += ` Note: ${result.warnings.join(" ")}`;
   $("try-adapter").hidden = job.state !== "done";
   $("try-adapter").dataset.adapter = result.adapter || job.params.adapter_name;

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .errors import InvalidInput, NotFound, suggest
-from .paths import atomic_dir, atomic_write_text, model_cache_dir
-from .training.data import check_format, read_records
+from ..errors import InvalidInput, NotFound, suggest
+from ..paths import atomic_dir, atomic_write_text
+from ..training.data import check_format, read_records
 
 OUTPUT_TYPES = (".json", ".jsonl")
 MAX_COPIES = 20
@@ -102,6 +102,7 @@ class _WordNet:
     ) + tuple(f"{pos}.exc" for pos in ("noun", "verb", "adj", "adv"))
     _reader = None
     _lock = threading.Lock()
+    cache_root: Path | None = None  # set by augment_file from the settings (where models are cached)
 
     @classmethod
     def reader(cls):
@@ -123,7 +124,11 @@ class _WordNet:
 
     @classmethod
     def _normalised_dir(cls) -> Path:
-        target = model_cache_dir() / "wordnet-3.0"
+        if cls.cache_root is None:  # a caller outside the engine: the settings' own default
+            from ..settings import Settings
+
+            cls.cache_root = Settings().models_dir
+        target = cls.cache_root / "wordnet-3.0"
         if all((target / name).exists() for name in cls.FILES):
             return target
         source = cls._source_dir()
@@ -417,8 +422,11 @@ def _make_augmenter(method: str, seed: int, rate: float | None, generate) -> Aug
 
 def augment_file(data_path: Path, output_path: Path, *, methods: Any = ("synonym",), copies: int = 1,
                  seed: int = 0, fields: Any = None, rate: Any = None, data_format: str | None = None,
-                 generate: Callable[..., list] | None = None) -> dict:
-    """Write the original records of ``data_path`` plus augmented copies to ``output_path``."""
+                 generate: Callable[..., list] | None = None, cache_dir: Path | None = None) -> dict:
+    """Write the original records of ``data_path`` plus augmented copies to ``output_path``
+    (``cache_dir``: where a normalised copy of WordNet is kept for the synonym method)."""
+    if cache_dir is not None:
+        _WordNet.cache_root = cache_dir
     methods = check_methods(list(methods) if isinstance(methods, tuple) else methods)
     copies = _check_whole("copies", copies, 1, MAX_COPIES)
     seed = _check_whole("seed", seed, 0, 2**31 - 1)

@@ -1,25 +1,24 @@
-"""Serving-speed helpers: weight-only quantized linears, thread settings, inference preparation.
+"""Weight-only quantized linears: the packed int4/int8 layers of the served copy.
 
 Why weight-only quantization: on a CPU, decoding one token reads every weight once, so a small
 model is bound by memory traffic and per-op overhead, not arithmetic. The default model ships as
 a GGUF whose linear weights are 4-bit with one scale and minimum per 32 values (Q4_1): packing
 them back to 4 bits with the same grouping loses (almost) nothing and reads 8x fewer bytes than
-fp32. For int4 on AVX-512 VNNI CPUs our own kernel (int4_kernel) reads each weight block once for
-up to 8 rows and quantizes the fp32 input rows to int8 itself, as llama.cpp does; torch's packed
-kernels (int8, and int4 elsewhere) want bf16 activations, so those layers cast their input to bf16
-for the matmul only. The residual stream, norms and attention stay in the model's dtype.
+fp32. On AVX-512 VNNI CPUs our own kernels (int4_kernel) run the int4 layers and the int8 output
+head: they read each weight block once for up to 8 rows, quantize the fp32 input rows to int8
+themselves, as llama.cpp does, and return fp32. Elsewhere torch's packed kernels run them; they
+want bf16 activations, so those layers cast their input to bf16 for the matmul only (and torch's
+int8 kernel rounds its output, the logits, to bf16). The residual stream, norms and attention stay
+in the model's dtype.
 
-Every choice here was kept because bench/ measured it faster on the reference CPU; see
-bench/README.md for the figures and for what was tried and dropped.
+Every choice here was kept because bench/ measured it faster on the reference CPU; the figures
+and what was tried and dropped are in bench/findings.md.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
-import types
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,32 +26,35 @@ import torch
 from torch import nn
 
 from . import int4_kernel
-from .attention import use_grouped_attention
 
 log = logging.getLogger(__name__)
 
 QUANT_MODES = ("none", "int8", "int4")
-SPEED_ENV = "LLM_MODULE_QUANTIZE"  # overrides the default mode: none, int8 or int4
-# 1 adds a bf16 copy of the int4 weights for prompts: 2-3x faster prefill, ~210 MB more, and bf16
-# rounding (+0.6 % perplexity) that flips near-tie tokens, so it is opt-in (bench/findings.md).
-DENSE_PREFILL_ENV = "LLM_MODULE_DENSE_PREFILL"
 DEFAULT_QUANT_MODE = "int4"
 INT4_GROUP_SIZE = 32  # the GGUF Q4_1 block size: the default model's weights fit this grid exactly
 COMPUTE_DTYPE = torch.bfloat16  # what the packed-weight CPU kernels are fast with
 # From this many rows a matmul is bound by arithmetic, not by reading the weight, and a dense bf16
-# copy runs 2-3x faster than the int4 kernel (prefill); below it the packed weight wins (decoding).
+# copy beats the int4 kernel (prefill); below it the packed weight wins (decoding). Figures:
+# bench/findings.md.
 DENSE_MIN_ROWS = 16
 # Our int4 kernel quantizes each input row to int8 per group of 32 (as llama.cpp does). Two kinds
 # of layer lost too much that way, so their inputs are quantized in two parts (the second holds the
-# first's rounding error: ~1e-5 of the group's largest value): the MLP's output projection, whose
-# input (the gated activation) has heavy tails (held-out perplexity +1.3 % vs fp32 with it in one
-# part), and q/k/v, without which the demo's near-tie question ("What is the capital of France?")
-# lost its first token and answered in French. bench/findings.md has the figures.
+# first's rounding error): the MLP's output projection, whose input (the gated activation) has
+# heavy tails, and q/k/v, without which the demo's near-tie question ("What is the capital of
+# France?") lost its first token and answered in French. bench/findings.md has the figures.
 FINE_INPUT_PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "down_proj"})
+# Our int8 kernel reads the output head's input in two int8 parts: with one, enough greedy tokens
+# differed from the exact head's to flip the demo's near-tie first token; with two, none did
+# (bench/findings.md, "int8 output head").
+HEAD_INPUT_PARTS = 2
+
+# Which kernel a packed layer runs (WeightOnlyLinear.kernel).
+OWN_INT4, OWN_INT8, TORCH_INT4, TORCH_INT8 = "llm_module int4", "llm_module int8", "torch int4", "torch int8"
 
 
 class WeightOnlyLinear(nn.Linear):
-    """A frozen ``nn.Linear`` whose weight is stored packed (int8 per row, or int4 per group).
+    """A frozen ``nn.Linear`` whose weight is stored packed (int8 or int4, per group of 32 inputs
+    with our kernels; int8 per row or int4 per group with torch's).
 
     It subclasses ``nn.Linear`` so peft still wraps it with LoRA layers: LoRA adds its own
     low-rank product on top of ``base_layer(x)``, which is all this module changes.
@@ -60,34 +62,39 @@ class WeightOnlyLinear(nn.Linear):
 
     def __init__(self, linear: nn.Linear, mode: str, group_size: int = INT4_GROUP_SIZE,
                  packed: tuple[torch.Tensor, ...] | None = None,
-                 dense: bool | torch.Tensor = False, fine_input: bool = False) -> None:
-        """Pack ``linear``'s weight, or take ``packed`` (``packed_tensors`` of an earlier packing).
+                 dense: bool | torch.Tensor = False, fine_input: bool = False, own_kernel: bool = True) -> None:
+        """Pack ``linear``'s weight, or take ``packed`` (``packed_tensors`` of an earlier packing;
+        packed for the other kernel, it is packed again).
 
-        int4 weights take llm_module's own kernel's layout where it runs (int4_kernel), else torch's.
+        Weights take llm_module's own kernel's layout where it runs and the shape fits
+        (int4_kernel), else torch's: ``kernel`` says which.
 
         ``dense`` also keeps a bf16 copy of the weight for inputs of ``DENSE_MIN_ROWS`` rows or more:
         True makes it from ``linear``'s weight, a tensor is that copy saved from an earlier packing.
 
         ``fine_input``: our kernel quantizes the input in two int8 parts instead of one (see
-        ``FINE_INPUT_PROJECTIONS``).
+        ``FINE_INPUT_PROJECTIONS``). ``own_kernel=False``: torch's kernel even where ours is built.
         """
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.mode, self.group_size = mode, group_size
         if mode not in ("int8", "int4"):
             raise ValueError(f"unknown quantization mode {mode!r}; use one of {QUANT_MODES[1:]}")
-        own_kernel = (mode == "int4" and int4_kernel.fits(self.out_features, self.in_features, group_size)
-                      and int4_kernel.kernel() is not None)
-        if packed is None or (len(packed) == 3) != own_kernel:  # none saved, or saved for the other kernel
+        own_kernel = own_kernel and _own_kernel_fits(mode, self.out_features, self.in_features, group_size)
+        self.kernel = (OWN_INT8 if mode == "int8" else OWN_INT4) if own_kernel else (
+            TORCH_INT8 if mode == "int8" else TORCH_INT4)
+        if packed is None or _in_own_layout(packed) != own_kernel:  # none saved, or saved for the other kernel
             weight = linear.weight.detach().float()
-            packed = (_quantize_int8(weight) if mode == "int8" else
-                      int4_kernel.pack(*_int4_grid(weight, group_size)) if own_kernel else
-                      _quantize_int4(weight, group_size))
+            if mode == "int8":
+                packed = int4_kernel.pack_int8(*_int8_grid(weight)) if own_kernel else _quantize_int8(weight)
+            else:
+                packed = int4_kernel.pack(*_int4_grid(weight, group_size)) if own_kernel else (
+                    _quantize_int4(weight, group_size))
         packed, scales, *mins = packed
         # A non-float "weight" tells peft not to cast LoRA weights to it; they stay in fp32.
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.register_buffer("scales", scales)
-        self.register_buffer("mins", mins[0] if mins else None)  # set: the weight is in our kernel's layout
+        self.register_buffer("mins", mins[0] if mins else None)  # set for int4 in our kernel's layout only
         bias = linear.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         if isinstance(dense, torch.Tensor):
@@ -106,10 +113,14 @@ class WeightOnlyLinear(nn.Linear):
         dense = buffers["dense_weight"]
         if dense is not None and x.numel() >= DENSE_MIN_ROWS * self.in_features:
             out = torch.nn.functional.linear(self._bf16_rows(x), dense)
-        elif buffers["mins"] is not None:  # our kernel: it quantizes the fp32 rows itself
+        elif self.kernel == OWN_INT4:  # our kernels: they quantize the fp32 rows themselves
             flat = x.reshape(-1, self.in_features)
             out = int4_kernel.matmul(flat, params["weight"], buffers["scales"], buffers["mins"], self.input_parts)
-        elif self.mode == "int8":
+        elif self.kernel == OWN_INT8:
+            flat = x.reshape(-1, self.in_features)
+            out = int4_kernel.matmul_int8(flat, params["weight"], buffers["scales"], self.out_features,
+                                          self.input_parts)
+        elif self.kernel == TORCH_INT8:
             out = torch._weight_int8pack_mm(self._bf16_rows(x), params["weight"], buffers["scales"])
         else:
             out = torch._weight_int4pack_mm_for_cpu(self._bf16_rows(x), params["weight"], self.group_size,
@@ -129,7 +140,22 @@ class WeightOnlyLinear(nn.Linear):
         return (self.weight.data, self.scales, *extra)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, "
+                f"kernel={self.kernel}")
+
+
+def _own_kernel_fits(mode: str, out_features: int, in_features: int, group_size: int) -> bool:
+    """Whether llm_module's kernel runs a ``mode`` layer of this shape here."""
+    if mode == "int8":
+        fits = int4_kernel.fits_int8(out_features, in_features)
+    else:
+        fits = int4_kernel.fits(out_features, in_features, group_size)
+    return fits and int4_kernel.kernel() is not None
+
+
+def _in_own_layout(packed: tuple[torch.Tensor, ...]) -> bool:
+    """Our kernels' packed weights are [blocks, groups, chunks, 64] bytes; torch's are 2-D."""
+    return packed[0].dim() == 4
 
 
 def _as_compute_rows(x: torch.Tensor) -> torch.Tensor:
@@ -174,10 +200,25 @@ def _share_input_casts(model: nn.Module) -> None:
 
 
 def _quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output row: ``w ≈ q * scale``."""
+    """Symmetric int8 per output row, for torch's kernel: ``w ≈ q * scale``."""
     scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
     packed = (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
     return packed, scales.to(COMPUTE_DTYPE)
+
+
+def _int8_grid(weight: torch.Tensor, group_size: int = int4_kernel.GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per group of ``group_size`` inputs, for our kernel: (codes, float16 scales),
+    ``w ≈ code * scale``.
+
+    A GGUF Q8_0 block (``w = q * d``, ``d`` float16, ``q = round(x / d)`` with ``d = amax / 127``)
+    comes back exactly: its largest code is ±127, so ``amax / 127`` is ``d`` itself.
+    """
+    rows, cols = weight.shape
+    groups = weight.reshape(rows, cols // group_size, group_size)
+    scales = (groups.abs().amax(dim=-1) / 127).clamp(max=torch.finfo(torch.float16).max).to(torch.float16)
+    step = scales.float()[..., None]
+    codes = torch.where(step > 0, groups / step, torch.zeros_like(groups)).round().clamp(-128, 127)
+    return codes.to(torch.int8).reshape(rows, cols), scales
 
 
 def _int4_grid(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -210,12 +251,13 @@ def can_quantize(linear: nn.Module, mode: str, group_size: int = INT4_GROUP_SIZE
 
 
 def quantize_linears(model: nn.Module, mode: str = DEFAULT_QUANT_MODE, *, skip: Iterable[str] = (),
-                     cache_file: Path | None = None, dense_prefill: bool = False) -> int:
+                     cache_file: Path | None = None, dense_prefill: bool = False, own_kernel: bool = True) -> int:
     """Replace every plain ``nn.Linear`` (not under a name in ``skip``) in place; return the count.
 
-    The output head always gets int8 per row: in the default GGUF it is the 8-bit embedding
-    table, and 4 bits there raised held-out perplexity 6.8 % (int8: +0.1 %). A tied embedding
-    keeps its float copy for lookups; the head gets its own packed copy.
+    The output head always gets int8 (per group of 32 inputs with our kernel, per row with
+    torch's): in the default GGUF it is the 8-bit embedding table (Q8_0, which our grid
+    reproduces), and 4 bits there cost far more held-out perplexity than 8 (bench/findings.md). A tied
+    embedding keeps its float copy for lookups; the head gets its own packed copy.
     ``cache_file`` keeps the packed tensors (and dense copies): packing takes seconds, reading them
     back does not, and the float weights are never read, so their file pages stay out of memory.
     """
@@ -239,9 +281,13 @@ def quantize_linears(model: nn.Module, mode: str = DEFAULT_QUANT_MODE, *, skip: 
         dense = dense_prefill and module is not head
         if dense and saved:
             dense = saved.get(f"{name}.dense", True)
-        layer = WeightOnlyLinear(module, layer_mode, packed=packed, dense=dense,
-                                 fine_input=child in FINE_INPUT_PROJECTIONS)
+        fine_input = child in FINE_INPUT_PROJECTIONS or (module is head and HEAD_INPUT_PARTS == 2)
+        layer = WeightOnlyLinear(module, layer_mode, packed=packed, dense=dense, fine_input=fine_input,
+                                 own_kernel=own_kernel)
         setattr(parent, child, layer)
+        if module is head:
+            log.info("Output head %s (%dx%d): %s kernel, %s logits", name, layer.out_features, layer.in_features,
+                     layer.kernel, "float32" if layer.kernel == OWN_INT8 else "bfloat16-rounded")
         parts = zip(PACKED_PARTS, layer.packed_tensors, strict=False)  # 2 or 3 by the layout
         fresh.update({f"{name}.{part}": tensor for part, tensor in parts})
         if layer.dense_weight is not None:
@@ -283,7 +329,8 @@ def _write_packed(cache_file: Path, tensors: dict[str, torch.Tensor]) -> None:
         log.warning("Could not save packed weights to %s: %s", cache_file, exc)
 
 
-def packed_cache_file(source: str | None, mode: str, dense: bool = False) -> Path | None:
+def packed_cache_file(source: str | None, mode: str, cache_root: Path, dense: bool = False,
+                      own_kernel: bool = True) -> Path | None:
     """Where packed weights of the local model directory ``source`` live; None for hub ids.
 
     The key covers the directory and its weight files' sizes and times, the mode, whether dense
@@ -294,100 +341,17 @@ def packed_cache_file(source: str | None, mode: str, dense: bool = False) -> Pat
         return None
     import hashlib
 
-    from .paths import model_cache_dir
-
     root = Path(source).resolve()
-    layout = int4_kernel.LAYOUT if mode == "int4" and int4_kernel.kernel() is not None else "torch"
+    ours = own_kernel and int4_kernel.kernel() is not None  # int4 layers and the int8 head alike
+    layout = int4_kernel.LAYOUT if ours else "torch"
     stamp = [str(root), mode, str(INT4_GROUP_SIZE), torch.__version__, layout] + (["dense"] if dense else [])
     for weights in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
         stat = weights.stat()
         stamp.append(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}")
     key = hashlib.sha1("|".join(stamp).encode()).hexdigest()[:16]
-    return model_cache_dir() / "packed" / f"{root.name}-{mode}{'-dense' if dense else ''}-{key}.safetensors"
+    return cache_root / "packed" / f"{root.name}-{mode}{'-dense' if dense else ''}-{key}.safetensors"
 
 
-def resolve_quant_mode(requested: str | None, device: str, dtype: torch.dtype, *, from_gguf: bool = True) -> str:
-    """'auto' packs on a CPU in fp32 and nothing elsewhere (CUDA has other kernels).
-
-    int4 reproduces a 4-bit GGUF's own grid, so it is only the default for models converted
-    from one; a full-precision model would lose quality at 4 bits, and torch's int8 kernel
-    crashed on small shapes here, so other models stay as they are unless asked.
-    """
-    mode = (requested if requested not in (None, "", "auto") else os.environ.get(SPEED_ENV) or "auto").lower()
-    if mode == "auto":
-        if device != "cpu" or dtype != torch.float32:
-            return "none"
-        return DEFAULT_QUANT_MODE if from_gguf else "none"
-    if mode not in QUANT_MODES:
-        raise ValueError(f"quantize must be one of auto, {', '.join(QUANT_MODES)}; got {mode!r}")
-    return mode
-
-
-def is_gguf_conversion(source: str | None) -> bool:
-    """True for a model directory that loader.convert_gguf wrote from a 4-bit GGUF file."""
-    if not source:
-        return False
-    marker = Path(source) / "llm_module_source.json"
-    try:
-        gguf = json.loads(marker.read_text(encoding="utf-8")).get("gguf", "")
-    except (OSError, ValueError):
-        return False
-    return bool(re.search(r"\bQ4_", Path(gguf).name, re.IGNORECASE))
-
-
-# transformers' RMSNorm classes computing ``weight * x * rsqrt(mean(x^2) + eps)`` in seven ops.
-PLAIN_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
-
-
-def use_fused_rms_norm(model: nn.Module) -> int:
-    """Run a float32 model's RMSNorms as torch's single ``rms_norm`` op; return how many.
-
-    The same arithmetic in one op instead of seven: bitwise the same output in float32 (tested),
-    and 61 norms a decode step. Other dtypes keep transformers' code (it rounds in between).
-    """
-    count = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (type(module).__name__ in PLAIN_RMS_NORMS and isinstance(weight, torch.Tensor)
-                and weight.dtype == torch.float32 and hasattr(module, "variance_epsilon")):
-            module.forward = types.MethodType(_fused_rms_norm_forward, module)  # a copy rebinds it
-            count += 1
-    return count
-
-
-def _fused_rms_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    if hidden_states.dtype != torch.float32:
-        return type(self).forward(self, hidden_states)
-    weight = self._parameters["weight"]
-    return torch.rms_norm(hidden_states, weight.shape, weight, self.variance_epsilon)
-
-
-def set_thread_count(threads: int | None = None) -> int:
-    """Use one intra-op thread per core the process may run on (torch's default can exceed that)."""
-    wanted = threads or len(os.sched_getaffinity(0))
-    if torch.get_num_threads() != wanted:
-        torch.set_num_threads(wanted)
-    return wanted
-
-
-def prepare_for_inference(model: nn.Module, device: str, quantize: str | None = "auto",
-                          source: str | None = None) -> dict:
-    """Make a loaded base model fast to serve; return what was done (for describe/bench).
-
-    Call it on the serving copy only: training needs the float weights. ``source`` (the local
-    model directory) lets later starts read the packed weights instead of packing again.
-    """
-    dtype = next(model.parameters()).dtype
-    mode = resolve_quant_mode(quantize, device, dtype, from_gguf=is_gguf_conversion(source))
-    dense = mode == "int4" and os.environ.get(DENSE_PREFILL_ENV, "0") == "1"
-    count = quantize_linears(model, mode, cache_file=packed_cache_file(source, mode, dense), dense_prefill=dense)
-    grouped = device == "cpu" and use_grouped_attention(model)
-    fused_norms = use_fused_rms_norm(model) if device == "cpu" else 0
-    threads = set_thread_count()
-    log.info("Prepared for inference: %s linears quantized to %s (dense prefill %s), grouped attention %s, "
-             "%s fused norms, %s threads", count, mode, dense, grouped, fused_norms, threads)
-    return {"quantize": mode if count else "none", "quantized_linears": count, "dense_prefill": bool(dense and count),
-            "grouped_attention": grouped, "fused_rms_norms": fused_norms, "threads": threads}
 
 
 def parameter_count(model: nn.Module) -> int:

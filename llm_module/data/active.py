@@ -1,26 +1,25 @@
 """Active learning: rank unlabelled records by how unsure the model is of its own answer.
 
-The model answers each prompt greedily; every generated token's distribution gives an
-entropy, and the chosen token a log-probability. A record's uncertainty is the mean
+The model answers each prompt greedily through the serving core; every generated token's
+distribution gives an entropy, and the chosen token a log-probability. A record's uncertainty is the mean
 token entropy of that answer ("entropy") or the answer's perplexity ("perplexity").
 The most uncertain records are the ones a person should label first.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .adapters import BASE
-from .errors import InvalidInput, suggest
-from .paths import atomic_write_text
-from .prompts import alpaca_prompt, render_prompt, resolve_template, user_content
-from .training.data import read_records
+from ..errors import InvalidInput, suggest
+from ..paths import atomic_write_text
+from ..prompts import alpaca_prompt, render_prompt, resolve_template, user_content
+from ..training.data import read_records
 
 STRATEGIES = ("entropy", "perplexity")
 PROMPT_KEYS = ("instruction", "prompt", "question", "text", "messages")
@@ -74,66 +73,15 @@ def read_pool(path: Path) -> list:
 
 
 # ---------------------------------------------------------------- scoring
-def score_prompts(model, tokenizer, prompts: list[str], *, adapter: str | None = None, multi_adapter: bool = False,
-                  max_new_tokens: int = 32, batch_size: int = 8, lock=None) -> list[Uncertainty]:
-    """Greedy answers to ``prompts`` with their token entropy and perplexity, ``batch_size`` at a time.
-
-    ``lock`` (the engine's model lock) is held per batch, so generation for others goes on between batches.
-    """
-    results: list[Uncertainty] = []
-    for start in range(0, len(prompts), batch_size):
-        with lock if lock is not None else contextlib.nullcontext():
-            results += _score_batch(model, tokenizer, prompts[start:start + batch_size], adapter, multi_adapter,
-                                    max_new_tokens)
-    return results
-
-
-def _score_batch(model, tokenizer, prompts: list[str], adapter, multi_adapter, max_new_tokens) -> list[Uncertainty]:
-    import torch
-
-    device = next(model.parameters()).device
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    adapters, extra = contextlib.nullcontext(), {}
-    if multi_adapter:
-        from .lora_batch import adapter_rows
-
-        adapters, extra = adapter_rows(model, [adapter or BASE] * len(prompts))
-    with torch.inference_mode(), adapters:
-        out = model.generate(**enc, **extra, do_sample=False, max_new_tokens=max_new_tokens, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
-    logits = torch.stack(out.logits, dim=1).float()  # (batch, steps, vocab), before any logits processor
-    chosen = out.sequences[:, enc["input_ids"].shape[1]:]
-    log_probs = torch.log_softmax(logits, dim=-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    chosen_log_prob = log_probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
-    mask = _answer_mask(chosen, _eos_ids(model, tokenizer))
-    results = []
-    for row in range(len(prompts)):
-        n = int(mask[row].sum())
-        mean_entropy = float((entropy[row] * mask[row]).sum()) / n
-        mean_nll = -float((chosen_log_prob[row] * mask[row]).sum()) / n
-        answer = tokenizer.decode(chosen[row][mask[row].bool()], skip_special_tokens=True).strip()
-        results.append(Uncertainty(round(mean_entropy, 5), round(math.exp(min(mean_nll, 50.0)), 5), answer, n))
-    return results
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = getattr(model.generation_config, "eos_token_id", None)
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
-def _answer_mask(chosen, eos_ids: set[int]):
-    """1 for each token of the answer up to and including its first end-of-sequence token."""
-    import torch
-
-    is_eos = torch.zeros_like(chosen, dtype=torch.bool)
-    for eos in eos_ids:
-        is_eos |= chosen == eos
-    ended_before = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
-    return (~ended_before).float()
+def uncertainty(output) -> Uncertainty:
+    """A greedy answer's uncertainty from the serving core's output (``RowOutput`` with per-token
+    entropies and log-probabilities, taken from the model's own distributions)."""
+    n = len(output.token_ids)
+    if n == 0:
+        return Uncertainty(0.0, 1.0, "", 0)
+    mean_entropy = sum(output.entropies) / n
+    mean_nll = -sum(logprob for _, logprob, _ in output.logprobs) / n
+    return Uncertainty(round(mean_entropy, 5), round(math.exp(min(mean_nll, 50.0)), 5), output.text.strip(), n)
 
 
 # -------------------------------------------------------------- selection
@@ -148,11 +96,14 @@ def check_selection_args(k: Any, strategy: Any, max_new_tokens: Any, batch_size:
             raise InvalidInput(f"{name} must be a whole number from 1 to {high}, got {value!r}.")
 
 
-def select_informative(model, tokenizer, data_path: Path, k: int, *, strategy: str = "entropy",
-                       adapter: str | None = None, multi_adapter: bool = False, output_path: Path | None = None,
-                       max_new_tokens: int = 32, batch_size: int = 8, prompt_template: str | None = None,
-                       lock=None) -> dict:
-    """Score every record of ``data_path`` and return the ``k`` most uncertain, most uncertain first."""
+def select_informative(score: Callable[[list[str], int], list], tokenizer, data_path: Path, k: int, *,
+                       strategy: str = "entropy", adapter: str | None = None, output_path: Path | None = None,
+                       max_new_tokens: int = 32, batch_size: int = 8, prompt_template: str | None = None) -> dict:
+    """Score every record of ``data_path`` and return the ``k`` most uncertain, most uncertain first.
+
+    ``score(prompts, max_new_tokens)`` answers prompts greedily with per-token entropies and
+    log-probabilities (the serving core, with the adapter chosen); ``batch_size`` prompts go at a time.
+    """
     start = time.perf_counter()
     check_selection_args(k, strategy, max_new_tokens, batch_size)
     if output_path is not None and output_path.suffix.lower() not in OUTPUT_TYPES:
@@ -170,8 +121,8 @@ def select_informative(model, tokenizer, data_path: Path, k: int, *, strategy: s
             raise InvalidInput(f"Record {i} of {data_path.name} has no prompt to score ({exc}); give records with "
                                f"one of {', '.join(PROMPT_KEYS)}, or a .txt file with one prompt per line. "
                                f"The record was {json.dumps(record)[:200]}") from exc
-    scores = score_prompts(model, tokenizer, prompts, adapter=adapter, multi_adapter=multi_adapter,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, lock=lock)
+    scores = [uncertainty(output) for start in range(0, len(prompts), batch_size)
+              for output in score(prompts[start:start + batch_size], max_new_tokens)]
     ranked = sorted(range(len(records)), key=lambda i: (-scores[i].score(strategy), i))
     selected = [_selected_item(i, records[i], scores[i], strategy) for i in ranked[:k]]
     all_scores = [s.score(strategy) for s in scores]

@@ -12,7 +12,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .paths import atomic_write_text, home_dir
+from ..paths import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,8 @@ class SavedState:
 
 
 class StateFile:
-    def __init__(self, path: Path | None = None) -> None:
-        self.path = path or home_dir() / "state.json"
+    def __init__(self, path: Path) -> None:
+        self.path = path
 
     def read(self) -> SavedState | None:
         try:
