@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llm_module.engine import Engine  # noqa: E402
+from llm_module.settings import Settings  # noqa: E402
 
 DATA = Path("/work/shared/data")
 
@@ -53,7 +54,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.work = Path(tempfile.mkdtemp(prefix="small-data-"))
-        self.engine = Engine(batching=False)
+        # A private home (remembered setup, jobs) and the shared model cache.
+        self.engine = Engine(Settings(home=self.work / "home", cache=Settings().models_dir))
         self.engine.setup()
         self.pool = json.loads((args.data_dir / "catalog_train.json").read_text())
         tests = [json.loads(line) for line in (args.data_dir / "catalog_test.jsonl").read_text().splitlines() if line]

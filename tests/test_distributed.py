@@ -11,8 +11,8 @@ import pytest
 
 from llm_module.cli import build_parser
 from llm_module.engine import Engine
+from llm_module.engine.state import StateFile
 from llm_module.errors import InvalidInput
-from llm_module.state import StateFile
 from llm_module.training.distributed import LaunchConfig, launch_command, pop_launch_options
 
 FAST = {"MICRO_BATCH_SIZE": 4, "BATCH_SIZE": 4, "EPOCHS": 1, "LEARNING_RATE": 5e-2, "CUTOFF_LEN": 128,
@@ -29,7 +29,7 @@ def write_catalog(path: Path, n: int = EXAMPLES) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir, tmp_path_factory):
-    engine = Engine(state_file=StateFile(tmp_path_factory.mktemp("state") / "state.json"), batching=False)
+    engine = Engine(state_file=StateFile(tmp_path_factory.mktemp("state") / "state.json"))
     engine.setup(str(tiny_model_dir))
     yield engine
     engine.close()

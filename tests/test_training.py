@@ -13,6 +13,7 @@ import pytest
 from llm_module.errors import Conflict, InvalidInput
 from llm_module.loader import load_model
 from llm_module.prompts import render_prompt
+from llm_module.settings import Settings
 from llm_module.training import check_output_dir, train_adapter
 from llm_module.training.data import Example, detect_format, load_examples, tokenize_examples
 from llm_module.training.params import SEED_DEFAULTS, plan_steps, resolve_params
@@ -42,13 +43,13 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
-    return load_model(str(tiny_model_dir)).tokenizer
+    return load_model(str(tiny_model_dir), models_dir=Settings().models_dir).tokenizer
 
 
 def run_training(model_dir: Path, data_file: Path, output_dir: Path, params: dict | None = None, *,
                  cancel_at_step: int | None = None, **kwargs) -> tuple[dict, list[dict]]:
     """train_adapter on a fresh tiny model; ``cancel_at_step`` sets the cancel event once that step is reported."""
-    loaded = load_model(str(model_dir))
+    loaded = load_model(str(model_dir), models_dir=Settings().models_dir)
     cancel, reports = threading.Event(), []
 
     def progress(report: dict) -> None:
@@ -261,3 +262,51 @@ def test_background_job_reports_progress_serves_meanwhile_and_cancels(engine, tm
     final = engine.job_status(job_id)
     assert final["state"] == "cancelled" and final["result"]["cancelled"]
     assert not (tmp_path / "bg" / "final").exists() and "bg" not in [a["name"] for a in engine.list_adapters()]
+
+
+# ------------------------------------------------- forgetting guard and replay (issue 22)
+def test_general_questions_are_a_fixed_set_with_expected_answers():
+    from llm_module.training.general import load_questions
+
+    questions = load_questions()
+    assert len(questions) >= 40 and len({q["question"] for q in questions}) == len(questions)
+    assert {q["topic"] for q in questions} >= {"capital", "arithmetic", "science", "instruction"}
+    assert all(isinstance(q["expected"], list) and q["expected"] for q in questions)
+
+
+def test_forgetting_check_reports_the_retained_share_and_warns(tiny_model_dir, tmp_path, monkeypatch):
+    """Questions the tiny base answers 'right' by construction (its own greedy answers); a strong adapter
+    changes them: the result and training_log.json say how many it kept, and a warning names the loss."""
+    from llm_module.training import general
+
+    loaded = load_model(str(tiny_model_dir), models_dir=Settings().models_dir)
+    prompts = ["Name a colour.", "Say something.", "What is up?", "Tell me a word."]
+    rendered = general._prompts(loaded.tokenizer, [{"question": p} for p in prompts], "chat")
+    base_answers = general.answer_all(loaded.model, loaded.tokenizer, rendered)
+    questions = [{"question": p, "expected": [a[:12]], "topic": "test"}
+                 for p, a in zip(prompts, base_answers, strict=True)]
+    monkeypatch.setattr(general, "load_questions", lambda path=None: questions)
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    out = tmp_path / "out"
+    result, reports = run_training(tiny_model_dir, data, out, {"EPOCHS": 4, "LEARNING_RATE": 3e-2},
+                                   check_forgetting=True)
+    general_report = result["general"]
+    assert general_report["questions"] == 4 and general_report["base_right"] == 4
+    assert general_report["retained"] == result["general_retained"] < 0.9
+    assert any("general questions" in w for w in result["warnings"])
+    assert any(r.get("state") == "checking general knowledge" for r in reports)
+    logged = json.loads((out / "training_log.json").read_text())["result"]
+    assert logged["general_retained"] == result["general_retained"]
+    meta = json.loads((Path(result["adapter_dir"]) / "llm_module.json").read_text())
+    assert meta["general_retained"] == result["general_retained"]
+    skipped, _ = run_training(tiny_model_dir, data, tmp_path / "off", check_forgetting=False)
+    assert skipped["general"] is None and skipped["general_retained"] is None
+
+
+def test_replay_mixes_the_base_models_own_answers_into_the_data(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    result, _ = run_training(tiny_model_dir, data, tmp_path / "out", replay=4, check_forgetting=False)
+    assert result["params"]["replay_examples"] == 4 and result["params"]["train_examples"] == len(ALPACA)
+    assert result["steps"] == 3  # (8 + 4) examples / micro-batch 4
+    with pytest.raises(InvalidInput, match="replay"):
+        run_training(tiny_model_dir, data, tmp_path / "bad", replay=-1)

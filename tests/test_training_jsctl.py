@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_module.paths import model_cache_dir
+from llm_module.settings import Settings
 from tests.jsctl_utils import JacSession
 
 DATA = Path(__file__).parent / "data"
@@ -17,7 +17,7 @@ FAST = {"MICRO_BATCH_SIZE": 4, "BATCH_SIZE": 4, "EPOCHS": 3, "LEARNING_RATE": 5e
 
 def _session(tmp_path: Path) -> JacSession:
     return JacSession(tmp_path / "jsctl", env={"LLM_MODULE_HOME": str(tmp_path / "home"),
-                                               "LLM_MODULE_CACHE": str(model_cache_dir())})
+                                               "LLM_MODULE_CACHE": str(Settings().models_dir)})
 
 
 def _report(result: dict) -> list:
@@ -57,6 +57,16 @@ def test_train_and_evaluate_walkers_on_the_tiny_model(tiny_model_dir, tmp_path):
     assert evaluation["adapter"]["tokens"] == evaluation["base"]["tokens"] > 0
     assert evaluation["adapter"]["loss"] < evaluation["base"]["loss"]
     assert evaluation["perplexity_ratio"] < 1
+    # llm.export through the walker, in another new process: the restored adapter, as GGUF and LoRA GGUF.
+    for fmt, quantization in (("gguf", ["f16"]), ("lora-gguf", ["f32"])):
+        result, _ = session.jac_run("export_adapter.jac", ctx={
+            "adapter": "shop", "output_dir": str(tmp_path / "exports" / fmt), "format": fmt,
+            "quantization": quantization})
+        exported = _report(result)[0]
+        assert exported["format"] == fmt and exported["seconds"] > 0
+        assert all(Path(f["path"]).is_file() for f in exported["files"])
+    assert (tmp_path / "exports" / "gguf" / "shop-f16.gguf").is_file()
+    assert "ADAPTER ./shop-lora-f32.gguf" in (tmp_path / "exports" / "lora-gguf" / "Modelfile").read_text()
 
 
 def _call(action: str, ctx: dict) -> str:

@@ -136,8 +136,9 @@ def to_examples(records: list[dict] | str, data_format: str, tokenizer, template
         try:
             examples.append(convert(record, tokenizer, template))
         except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidInput(f"Record {i} does not fit the {data_format} format ({type(exc).__name__}: {exc}). "
-                               f"The record was {json.dumps(record)[:300]}") from exc
+            raise InvalidInput(f"Record {i} does not fit the {data_format} format ({type(exc).__name__}: {exc}); "
+                               f"fix that record or pass the right data_format. The record was "
+                               f"{json.dumps(record)[:300]}") from exc
     return examples
 
 

@@ -109,9 +109,10 @@ def launch_command(config: LaunchConfig, spec_path: Path) -> list[str]:
     return command + ["--max_restarts", "0", "-m", "llm_module.training.worker", "--spec", str(spec_path)]
 
 
-def worker_env(config: LaunchConfig, on_cuda: bool) -> dict[str, str]:
-    """The workers' environment: the CPU cores shared out among this node's processes."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def worker_env(config: LaunchConfig, on_cuda: bool, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The workers' environment (``base``, else this process's): the CPU cores shared out among this
+    node's processes."""
+    env = {**(base if base is not None else os.environ), "PYTHONUNBUFFERED": "1"}
     if "OMP_NUM_THREADS" not in env:  # torchrun would set 1; on CPU that leaves cores idle when N < cores
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         env["OMP_NUM_THREADS"] = str(1 if on_cuda else max(1, cores // config.num_processes))
@@ -121,7 +122,7 @@ def worker_env(config: LaunchConfig, on_cuda: bool) -> dict[str, str]:
 def train_distributed(config: LaunchConfig, *, setup_args: dict, base_model_name: str, data_file: Path,
                       output_dir: Path, training_params: dict | None, resume_from_checkpoint: bool | str,
                       progress: Callable[[dict], None], cancel: threading.Event, show_progress: bool = False,
-                      **kwargs) -> dict:
+                      env: dict[str, str] | None = None, **kwargs) -> dict:
     """Run ``train_adapter`` as a torchrun job of ``config``; return rank 0's result (as a local run's)."""
     check_options(kwargs)  # refuse bad options here, before a process starts
     resolve_params(training_params)
@@ -140,7 +141,7 @@ def train_distributed(config: LaunchConfig, *, setup_args: dict, base_model_name
         progress({"state": "launching", "world_size": config.world_size, "num_processes": config.num_processes,
                   "nnodes": config.nnodes, "node_rank": config.node_rank})
         log.info("Launching %s", " ".join(command))
-        run = _LaunchedRun(command, worker_env(config, _on_cuda(setup_args)), progress, show_progress)
+        run = _LaunchedRun(command, worker_env(config, _on_cuda(setup_args), env), progress, show_progress)
         return run.wait(cancel, config)
 
 

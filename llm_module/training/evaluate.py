@@ -10,8 +10,8 @@ import math
 import time
 from pathlib import Path
 
-from ..adapters import BASE
 from ..errors import InvalidInput, suggest
+from ..runtime.lora_rows import BASE
 from .data import PaddingCollator, Tokenized, load_examples
 from .params import DEFAULTS
 

@@ -6,21 +6,24 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..adapters import META_FILE
+from ..engine.adapter_files import META_FILE
 from ..errors import InvalidInput, suggest
 from ..paths import atomic_dir, atomic_write_text
 from .callbacks import RunMonitor
 from .checkpoints import resume_point
-from .data import PaddingCollator, Tokenized, load_examples
+from .data import PaddingCollator, Tokenized, load_examples, tokenize_examples
 from .evaluate import summarize, token_loss
+from .general import base_scores, forgetting_warning, general_check, replay_examples
 from .loss import ResponseLossTrainer
-from .params import StepPlan, TrainingParams, check_options, plan_steps, resolve_params
+from .params import DEFAULT_REPLAY, RETAINED_TARGET, StepPlan, TrainingParams, check_options, plan_steps, resolve_params
+from .provenance import base_provenance
 from .report import write_loss_curve, write_training_log
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,12 @@ def train_adapter(model, tokenizer, *, data_file: Path, output_dir: Path, traini
     seed = _seed(kwargs.get("seed", 42))
     progress({"state": "preparing"})
     train_rows, eval_rows, data_summary = _datasets(tokenizer, data_file, params, kwargs, seed)
+    template = "auto" if data_summary["prompt_template"] == "none" else data_summary["prompt_template"]
+    replay = _replay_count(kwargs.get("replay", DEFAULT_REPLAY))
+    if replay and data_summary["data_format"] != "text" and not cancel.is_set():
+        progress({"state": "preparing general examples"})
+        train_rows = train_rows + _replay_rows(model, tokenizer, template, replay, seed, params)
+    data_summary["replay_examples"] = len(train_rows) - data_summary["train_examples"]
     max_steps = (kwargs.get("training_args_kwargs") or {}).get("max_steps")
     plan = plan_steps(params, len(train_rows), max_steps if isinstance(max_steps, int) else None)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -56,7 +65,9 @@ def train_adapter(model, tokenizer, *, data_file: Path, output_dir: Path, traini
     if cancel.is_set():
         return {"cancelled": True, "steps": 0, "warnings": warnings, "adapter_dir": None}
 
-    peft_model = _lora_model(model, params, kwargs.get("lora_config_kwargs"))
+    check = _flag("check_forgetting", kwargs, True) and os.environ.get("RANK", "0") == "0"  # rank 0 alone checks
+    base_general = _base_scores(model, tokenizer, template) if check else None
+    peft_model = _lora_model(model, params, kwargs.get("lora_config_kwargs"), seed)
     monitor = RunMonitor(progress, cancel)
     trainer = _trainer(peft_model, tokenizer, output_dir, params, plan, train_rows, eval_rows, monitor,
                        kwargs.get("training_args_kwargs"), seed, show_progress)
@@ -89,6 +100,14 @@ def train_adapter(model, tokenizer, *, data_file: Path, output_dir: Path, traini
         result.update(eval_loss=evaluation["loss"], perplexity=evaluation["perplexity"], eval_tokens=tokens)
     else:
         result.update(eval_loss=None, perplexity=None)
+    result.update(general=None, general_retained=None)
+    if base_general is not None and not monitor.cancelled:
+        progress({"state": "checking general knowledge"})
+        result["general"] = _general_check(peft_model, tokenizer, base_general)
+        result["general_retained"] = (result["general"] or {}).get("retained")
+        warning = forgetting_warning(result["general"] or {}, RETAINED_TARGET)
+        if warning:
+            result["warnings"].append(warning)
     write_training_log(output_dir / "training_log.json", state.log_history, result)
     write_loss_curve(output_dir / "loss_curve.png", state.log_history, title=f"{output_dir.name}: LoRA training")
     if monitor.cancelled:
@@ -159,8 +178,9 @@ def _data_warnings(summary: dict, params: TrainingParams, eval_rows: list) -> li
     return warnings
 
 
-def _lora_model(model, params: TrainingParams, overrides: dict | None):
+def _lora_model(model, params: TrainingParams, overrides: dict | None, seed: int):
     from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
 
     settings = {"r": params.LORA_R, "lora_alpha": params.LORA_ALPHA, "lora_dropout": params.LORA_DROPOUT,
                 "target_modules": params.TARGET_MODULES, "bias": "none", "task_type": "CAUSAL_LM"}
@@ -168,6 +188,7 @@ def _lora_model(model, params: TrainingParams, overrides: dict | None):
     settings.update(_checked_overrides("lora_config_kwargs", overrides, known))
     try:
         config = LoraConfig(**settings)
+        set_seed(seed)  # lora_A's random init draws from the global generator: seed it, or no two runs agree
         return get_peft_model(model, config)
     except (ValueError, TypeError) as exc:
         raise InvalidInput(f"The LoRA settings were not accepted: {exc}") from exc
@@ -242,6 +263,38 @@ def _trainer(peft_model, tokenizer, output_dir: Path, params: TrainingParams, pl
     return trainer
 
 
+def _replay_count(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"replay must be a whole number of general examples >= 0 (0: none), got {value!r}.")
+    return value
+
+
+def _replay_rows(model, tokenizer, template: str, count: int, seed: int, params: TrainingParams) -> list[Tokenized]:
+    """General prompts with the base model's own answers (general.py), tokenized like the data."""
+    examples = replay_examples(model, tokenizer, template=template, count=count, seed=seed)
+    rows, _ = tokenize_examples(examples, tokenizer, cutoff_len=params.CUTOFF_LEN, train_on_inputs=False,
+                                chunk_text=False)
+    return rows
+
+
+def _base_scores(model, tokenizer, template: str) -> dict | None:
+    """The base model's side of the forgetting guard (general.py), before the LoRA layers go in."""
+    try:
+        return base_scores(model, tokenizer, template=template)
+    except Exception as exc:  # a check must never stop a run
+        log.warning("The general-knowledge check did not run: %s: %s", type(exc).__name__, exc)
+        return None
+
+
+def _general_check(peft_model, tokenizer, base: dict) -> dict | None:
+    """The adapter's side of the forgetting guard; None when it cannot run (logged)."""
+    try:
+        return general_check(peft_model, tokenizer, base)
+    except Exception as exc:  # a check must never lose the adapter that was just trained
+        log.warning("The general-knowledge check did not run: %s: %s", type(exc).__name__, exc)
+        return None
+
+
 def _recent_loss(log_history: list[dict], window: int) -> float | None:
     """Mean training loss over the last ``window`` logged steps (the last epoch by default)."""
     losses = [entry["loss"] for entry in log_history if "loss" in entry]
@@ -255,8 +308,13 @@ def _recent_loss(log_history: list[dict], window: int) -> float | None:
 def _save_final(peft_model, output_dir: Path, data_file: Path, base_model_name: str, result: dict) -> Path:
     """Write the adapter and its meta beside it in one rename: a half-written final never exists."""
     final = output_dir / "final"
+    provenance = base_provenance(peft_model.get_base_model(), base_model_name)
+    for config in peft_model.peft_config.values():  # adapter_config.json names the base as users know it
+        config.base_model_name_or_path = provenance["base_model_id"]
     meta = {
         "base_model": base_model_name,
+        "base_model_id": provenance["base_model_id"],
+        "base_source": provenance["source"],
         "trained_at": time.time(),
         "data_file": str(data_file),
         "params": result["params"],
@@ -264,6 +322,7 @@ def _save_final(peft_model, output_dir: Path, data_file: Path, base_model_name: 
         "steps": result["steps"],
         "train_loss": result["train_loss"],
         "eval_loss": result["eval_loss"],
+        "general_retained": result.get("general_retained"),
     }
     with atomic_dir(final) as tmp:
         peft_model.save_pretrained(str(tmp))

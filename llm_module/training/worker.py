@@ -75,14 +75,15 @@ def train_rank(spec: dict, rank: int, local_rank: int, world_size: int) -> dict:
     import torch.distributed as dist
 
     from ..loader import load_model, resolve_device
+    from ..settings import Settings
     from .trainer import train_adapter
 
-    setup = dict(spec["setup_args"])
+    setup = {k: v for k, v in spec["setup_args"].items() if k != "quantize"}  # training reads the float weights
     on_cuda = resolve_device(setup.get("device")).startswith("cuda")
     if on_cuda:  # one GPU per local rank
         torch.cuda.set_device(local_rank)
         setup["device"] = f"cuda:{local_rank}"
-    loaded = load_model(**setup)
+    loaded = load_model(**setup, models_dir=Settings().models_dir)  # the parent passed its folders (settings.py)
     activity = RankActivity(loaded.model)
     options = dict(spec["train_options"])
     warnings = _share_batch(options, spec["training_params"], world_size, "nccl" if on_cuda else "gloo")

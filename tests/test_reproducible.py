@@ -1,0 +1,69 @@
+"""Reproducible training (issue 22): the same data, settings and seed give the same adapter, bit for bit.
+
+Two runs used to differ from their first step: peft draws lora_A's random init from torch's global
+generator, which nothing had seeded yet (Trainer seeds only when it is built, after the LoRA layers
+exist), so the step-1 loss agreed (lora_B starts at 0) while the step-1 gradient did not.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from llm_module.loader import load_model
+from llm_module.settings import Settings
+from llm_module.training import train_adapter
+
+PARAMS = {"MICRO_BATCH_SIZE": 4, "BATCH_SIZE": 4, "EPOCHS": 2, "LEARNING_RATE": 5e-3, "CUTOFF_LEN": 128,
+          "LORA_R": 4, "LORA_ALPHA": 8, "LORA_DROPOUT": 0.1}  # dropout on: its masks must repeat too
+RECORDS = [{"instruction": f"What is the code of item {i}?", "input": "", "output": f"Item {i} has code Z{i}."}
+           for i in range(12)]
+
+
+def _train(model_dir: Path, data: Path, out: Path, *, seed: int, disturb: int) -> tuple[dict, list[dict]]:
+    import torch
+    from safetensors.torch import load_file
+
+    torch.rand(disturb)  # other work in the process moves the global generator: it must not matter
+    loaded = load_model(str(model_dir), models_dir=Settings().models_dir)
+    result = train_adapter(loaded.model, loaded.tokenizer, data_file=data, output_dir=out, training_params=PARAMS,
+                           resume_from_checkpoint=False, progress=lambda _: None, cancel=threading.Event(),
+                           base_model_name="tiny", show_progress=False, seed=seed, check_forgetting=False,
+                           val_set_size=2)
+    steps = json.loads((out / "training_log.json").read_text())["steps"]
+    return load_file(str(Path(result["adapter_dir"]) / "adapter_model.safetensors")), steps
+
+
+def test_same_seed_gives_the_same_adapter_bit_for_bit(tiny_model_dir, tmp_path):
+    import torch
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    first, first_steps = _train(tiny_model_dir, data, tmp_path / "a", seed=7, disturb=3)
+    second, second_steps = _train(tiny_model_dir, data, tmp_path / "b", seed=7, disturb=11)
+    assert first.keys() == second.keys() and first
+    assert all(torch.equal(first[k], second[k]) for k in first)  # identical tensors, not merely close
+    assert [(s["loss"], s["grad_norm"]) for s in first_steps] == [(s["loss"], s["grad_norm"]) for s in second_steps]
+    other, other_steps = _train(tiny_model_dir, data, tmp_path / "c", seed=8, disturb=3)
+    assert any(not torch.equal(first[k], other[k]) for k in first)  # the seed is what decides
+    assert other_steps[0]["grad_norm"] != first_steps[0]["grad_norm"]
+
+
+@pytest.mark.parametrize("threads", [1])
+def test_thread_count_does_not_change_the_adapter(tiny_model_dir, tmp_path, threads):
+    """torch's CPU kernels split work by thread count; on this model the result does not depend on it."""
+    import torch
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    before = torch.get_num_threads()
+    reference, _ = _train(tiny_model_dir, data, tmp_path / "a", seed=5, disturb=1)
+    torch.set_num_threads(threads)
+    try:
+        fewer, _ = _train(tiny_model_dir, data, tmp_path / "b", seed=5, disturb=2)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(reference[k], fewer[k]) for k in reference)
