@@ -23,6 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 DATA = REPO / "tests" / "data" / "catalog_train.json"
 
 
@@ -61,8 +62,9 @@ def run(engine, data: Path, out: Path, processes: int, args: argparse.Namespace)
 
 
 def main() -> None:
+    from common import bench_settings
+
     from llm_module.engine import Engine
-    from llm_module.state import StateFile
 
     args = parse_args()
     counts = [int(c) for c in args.processes.split(",")]
@@ -71,13 +73,14 @@ def main() -> None:
         records = json.loads(DATA.read_text())[: args.records]
         data = scratch / "train.json"
         data.write_text(json.dumps(records))
-        engine = Engine(state_file=StateFile(scratch / "state.json"), batching=False)
+        engine = Engine(bench_settings(scratch / "home"))
         engine.setup(args.model)
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
         rows = [run(engine, data, scratch / f"run-{n}", n, args) for n in counts]
+        engine.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     for row in rows:
