@@ -10,8 +10,10 @@ PYTEST_ARGS ?=
 
 CLIENTS_VENV ?= .venv-clients
 # The client-side tests (openai, LiteLLM, a Jac 2 program with byLLM, Schemathesis) need Python 3.12
-# and pydantic 2, so they live in a venv of their own: a python3.12 on PATH, else pyenv's.
-PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || ls -d $(HOME)/.pyenv/versions/3.12*/bin/python 2>/dev/null | tail -n 1)
+# and pydantic 2, so they live in a venv of their own: the first Python 3.12 that runs, python3.12 on
+# PATH or pyenv's (pyenv's python3.12 shim is on PATH but fails while 3.12 is not the active version).
+PYTHON312 ?= $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python; do \
+	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { command -v $$p; break; }; done)
 CLIENTS_STAMP := $(CLIENTS_VENV)/.installed-$(shell cat tests/clients/requirements.txt | md5sum | cut -c1-8)
 
 .PHONY: install clients demo test test-fast lint bench clean
