@@ -105,6 +105,9 @@ def single(args) -> dict:
         "llm.generate": lambda: llm.generate(prompt, **options),
         "llm.generate, quantization off (--quantize none)": lambda: unquantized.generate(prompt, **options),
     }
+    avx2 = avx2_kernel()
+    if avx2 is not None:  # the AVX2 build on the same packed weights: what a CPU without AVX-512 gets
+        runs[AVX2_RUN] = lambda: with_kernel(avx2, lambda: llm.generate(prompt, **options))
     bench = LlamaBench(args.new_tokens) if llama_bench_built() else None
     if bench is not None:  # its turns come between the others', so the machine's swings hit all alike
         runs[LLAMA_BENCH_RUN] = bench.run
@@ -165,7 +168,32 @@ def interleaved(runs: dict, repeat: int, tokens: int) -> dict[str, Stats]:
     return {name: Stats(values) for name, values in rates.items()}
 
 
+AVX2_RUN = "llm.generate, AVX2 kernel (AVX-512 path off)"
 LLAMA_BENCH_RUN = "llama.cpp native (llama-bench, same GGUF, -t 2)"
+
+
+def avx2_kernel():
+    """The AVX2 build of our kernel, if this install has it (setup.py builds both where it can)."""
+    import importlib
+
+    from llm_module.runtime import int4_kernel
+
+    try:
+        return importlib.import_module(int4_kernel.BUILDS[1][0])
+    except ImportError:
+        return None
+
+
+def with_kernel(module, call):
+    """Run ``call`` with the packed layers on ``module`` (same packed layout), then put the chosen one back."""
+    from llm_module.runtime import int4_kernel
+
+    chosen = int4_kernel.kernel()
+    int4_kernel._loaded["module"] = module
+    try:
+        return call()
+    finally:
+        int4_kernel._loaded["module"] = chosen
 LLAMA_CPP_PYTHON_RUN = "llama.cpp via llama-cpp-python (same GGUF)"
 
 

@@ -165,6 +165,10 @@ def render_single(r: dict, summary: Summary) -> list[str]:
                     "llama-bench on the same GGUF, its turns between ours", "single_vs_llama")
     else:
         lines.append(f"- native llama.cpp: {r.get('llama_bench_note')}")
+    avx2 = next((v for k, v in rates.items() if "AVX2 kernel" in k), None)
+    if avx2:
+        lines.append(f"- the AVX2 build of our kernel (what a CPU without AVX-512 runs) vs the AVX-512 VNNI one: "
+                     f"**{avx2['median'] / ours:.2f}×**; vs raw fp32 **{avx2['median'] / raw:.2f}×**")
     lines += ["", "Time to first token (prefill + 1 token), ms:", "", "| path | ms |", "|---|---|"]
     for name, stats in r["first_token_s"].items():
         lines.append(f"| {name} | {fmt(stats, 1, 1000)} |")
