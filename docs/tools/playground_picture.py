@@ -86,6 +86,7 @@ def main() -> None:
         assert by_id(driver, "job-state").get_attribute("data-state") == "done", by_id(driver, "job-result").text
         shutil.copy(screenshot(driver, "product-train"), REPO / "docs" / "playground.png")
         by_id(driver, "try-adapter").click()
+        driver.find_element("css selector", "input[name=mode][value=chat]").click()  # an instruct model: chat
         set_checked(driver, "do-sample", False)
         set_checked(driver, "compare", True)
         choose(driver, "adapter-b", "base")

@@ -285,6 +285,8 @@ def quantize_linears(model: nn.Module, mode: str = DEFAULT_QUANT_MODE, *, skip: 
         layer = WeightOnlyLinear(module, layer_mode, packed=packed, dense=dense, fine_input=fine_input,
                                  own_kernel=own_kernel)
         setattr(parent, child, layer)
+        # A tied head's packed copy repeats the embedding's parameters: parameter_count skips it.
+        layer.copies_tied_embedding = module is head and bool(getattr(model.config, "tie_word_embeddings", False))
         if module is head:
             log.info("Output head %s (%dx%d): %s kernel, %s logits", name, layer.out_features, layer.in_features,
                      layer.kernel, "float32" if layer.kernel == OWN_INT8 else "bfloat16-rounded")
@@ -355,6 +357,8 @@ def packed_cache_file(source: str | None, mode: str, cache_root: Path, dense: bo
 
 
 def parameter_count(model: nn.Module) -> int:
-    """Parameters as the unpacked model has them (packed int4 weights hold two per byte)."""
-    packed = {id(m.weight): m.in_features * m.out_features for m in model.modules() if isinstance(m, WeightOnlyLinear)}
+    """Parameters as the unpacked model has them (packed int4 weights hold two per byte; a tied head's
+    packed copy is the embedding's parameters again, counted once as the unpacked model does)."""
+    packed = {id(m.weight): 0 if getattr(m, "copies_tied_embedding", False) else m.in_features * m.out_features
+              for m in model.modules() if isinstance(m, WeightOnlyLinear)}
     return sum(packed.get(id(p), p.numel()) for p in model.parameters())
