@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from llm_module.adapter_files import find_adapter_dir
 from llm_module.engine import Engine
-from llm_module.engine.adapter_files import find_adapter_dir
 from llm_module.paths import atomic_dir, recover_dir
 
 WRITER = """

@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..adapter_files import check_name, find_adapter_dir, name_for
 from ..errors import Conflict, InvalidInput, LLMError, ModelLoadError
 from ..paths import resolve_user_path
 from ..runtime.threads import release_openmp_team, run_in_fresh_thread
 from ..serving import ServingCore
 from ..serving.constraints import StructuredOutput
 from ..settings import Settings
-from .adapter_files import check_name, find_adapter_dir, name_for
 from .adapter_registry import AdapterRegistry
 from .data_tools import DataTools
 from .jobs import JobManager

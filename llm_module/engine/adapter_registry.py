@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..adapter_files import AdapterInfo, read_config, read_info, read_weights
 from ..errors import Conflict, InvalidInput, NotFound, suggest
-from .adapter_files import AdapterInfo, read_config, read_info, read_weights
 
 log = logging.getLogger(__name__)
 

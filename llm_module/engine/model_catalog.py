@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..adapter_files import adapter_folders
 from ..errors import InvalidInput, NotFound, suggest
 from ..loader import DEFAULT_MODEL, DEFAULT_MODEL_HUB_ID
-from .adapter_files import adapter_folders
 
 log = logging.getLogger(__name__)
 

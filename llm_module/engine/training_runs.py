@@ -13,12 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..adapter_files import check_name
 from ..errors import Conflict
 from ..loader import load_model
 from ..paths import resolve_user_path
+from ..runtime.memory import release_memory
 from ..runtime.threads import run_in_fresh_thread
 from ..settings import child_process_env
-from .adapter_files import check_name
 from .jobs import JobManager
 
 PATH_KEY_SUFFIXES = ("_dir", "_path", "_file", "_folder")
@@ -108,15 +109,3 @@ class TrainingRuns:
         call = {k: v for k, v in job.params["call"].items() if v is not None}
         return train(**call, resume_from_checkpoint=True, background=True, job_id=job_id)
 
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise),
-    so a long-running server's resident memory returns to its serving size after a training job."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass

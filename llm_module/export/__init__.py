@@ -102,8 +102,8 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
 def export_adapter(setup_args: dict, adapter_dir: Path, output_dir: Path, fmt: str, *, models_dir: Path,
                    adapter_name: str, **options: Any) -> dict:
     """Export the adapter in ``adapter_dir`` (trained on the base model ``setup_args`` load) as ``fmt``."""
-    from ..engine.adapter_files import read_config
-    from ..engine.training_runs import release_memory
+    from ..adapter_files import read_config
+    from ..runtime.memory import release_memory
     from .merge import load_base
 
     fmt = check_format(fmt)

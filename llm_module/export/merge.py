@@ -21,7 +21,7 @@ def attach(model, adapter_dir: Path, config: dict):
     from peft import LoraConfig, PeftModel
     from peft.utils import set_peft_model_state_dict
 
-    from ..engine.adapter_files import read_weights
+    from ..adapter_files import read_weights
 
     weights = read_weights(adapter_dir)
     try:

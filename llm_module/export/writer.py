@@ -233,7 +233,7 @@ def lora_to_gguf(adapter_dir: Path, adapter_config: dict, base_config, path: Pat
     """Write the adapter in ``adapter_dir`` as a llama.cpp LoRA GGUF (``general.type = adapter``)."""
     import gguf
 
-    from ..engine.adapter_files import read_weights
+    from ..adapter_files import read_weights
 
     config = base_config.to_dict() if hasattr(base_config, "to_dict") else dict(base_config)
     _check_llama(config)

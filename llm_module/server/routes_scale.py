@@ -19,8 +19,8 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from llm_module.adapter_files import PICKLE_WEIGHTS_FILE, WEIGHTS_FILE, adapter_folders, fingerprint
 from llm_module.engine import Engine
-from llm_module.engine.adapter_files import PICKLE_WEIGHTS_FILE, WEIGHTS_FILE, adapter_folders, fingerprint
 from llm_module.errors import InvalidInput, NotReady
 from llm_module.server.errors import documented
 from llm_module.server.lifecycle import StartupLoad

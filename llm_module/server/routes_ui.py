@@ -20,7 +20,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, RedirectResponse
 
-from llm_module.engine.adapter_files import META_FILE, adapter_dir_in
+from llm_module.adapter_files import META_FILE, adapter_dir_in
 from llm_module.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from llm_module.paths import resolve_user_path
 from llm_module.server.errors import documented

@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConstrainedFloat, ConstrainedInt, ConstrainedStr, Extra, Field, conlist, create_model
 from pydantic.validators import float_finite_validator, number_size_validator
 
-from llm_module.engine.adapter_files import NAME_RE
+from llm_module.adapter_files import NAME_RE
 from llm_module.export import ALIASES as EXPORT_ALIASES
 from llm_module.export import FORMATS, LORA_TYPES, MODEL_TYPES
 from llm_module.options import OPTIONS, SEED_RANGE

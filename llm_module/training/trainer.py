@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..engine.adapter_files import META_FILE
+from ..adapter_files import META_FILE
 from ..errors import InvalidInput, suggest
 from ..paths import atomic_dir, atomic_write_text
 from .callbacks import RunMonitor

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidInput, NotFound
-from ..paths import recover_dir
+from .errors import InvalidInput, NotFound
+from .paths import recover_dir
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 META_FILE = "llm_module.json"  # written by llm.train beside the adapter
