@@ -109,3 +109,23 @@ def test_dora_adapters_cannot_be_stacked(tiny_model_dir, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
     model = PeftModel.from_pretrained(base, str(tmp_path / "dora"), adapter_name="d").eval()
     assert not can_stack(model, ["d"])
+
+
+def test_layers_left_empty_by_an_unload_are_skipped(tiny_model_dir, tiny_adapter_dir, tmp_path):
+    """peft keeps a LoRA layer after the only adapter on it is unloaded; slots still move (the chaos soak's crash)."""
+    wide = tmp_path / "wide"
+    _save_adapter(tiny_model_dir, wide, seed=7, r=8, lora_alpha=8, target_modules="all-linear")
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    model = PeftModel.from_pretrained(base, str(tiny_adapter_dir), adapter_name="narrow")
+    model.load_adapter(str(wide), adapter_name="wide")
+    model.delete_adapter("wide")  # layers only "wide" targeted stay, holding no adapter
+    rows = _rows(model, 3, {0: "narrow", 1: BASE, 2: "narrow"})
+    rows.select(slice(0, 3))  # mixed: the per-slot tables are made
+    rows.move(2, 1)  # a row leaves and the last one takes its slot
+    rows.assign(2, None)
+    with torch.inference_mode():
+        expected = torch.cat([_alone(model, "narrow", IDS[0:1]), _alone(model, "narrow", IDS[1:2])])
+        rows.select(slice(0, 2))
+        with rows.installed():
+            got = model.get_base_model()(IDS[:2]).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

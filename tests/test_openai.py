@@ -168,5 +168,12 @@ def test_adapters_load_on_first_use_and_the_least_recently_used_make_room(tiny_m
         assert len({first["a"], first["b"], third}) == 3
         assert "Loading adapter c on first use" in server.log()
         assert "Unloading adapter b (least recently used" in server.log()
+        # An adapter loaded on demand goes with its folder: a reload after the folder is taken out
+        # unloads it (the chaos soak found it listed still), and a request for it is a 404.
+        shutil.move(root / "shared" / "c", tmp_path / "c-out")
+        report = requests.post(server.url + "/v1/adapters/reload", timeout=120).json()
+        assert report["unloaded"] == ["c"] and models() == ["model", "b"]
+        gone = requests.post(server.url + "/v1/chat/completions", json={"model": "c", **body}, timeout=60)
+        assert gone.status_code == 404 and gone.json()["error"]["param"] == "model"
     finally:
         server.stop()

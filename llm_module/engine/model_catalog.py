@@ -29,7 +29,10 @@ class ModelCatalog:
         running requests (never unloaded to make room)."""
         self.settings, self.host, self.adapters = settings, host, adapters
         self._load, self._unload, self._in_use = load, unload, in_use
-        self._lock = threading.Lock()
+        # Held while adapters of the shared folder change: on-demand loads here, reloads of the whole
+        # folder (server/routes_scale.py), so a load that began before a folder was taken out cannot
+        # finish after the reload that unloaded it.
+        self.lock = threading.RLock()
 
     def shared_dir(self) -> Path | None:
         """The ``adapters_dir`` setting as a path (relative: to the data root)."""
@@ -73,10 +76,15 @@ class ModelCatalog:
         return model
 
     def _load_on_demand(self, name: str, folder: Path) -> None:
-        with self._lock:
+        with self.lock:
             if name in self.adapters.infos:
                 return
             shared = self.folders()
+            if shared.get(name) != folder:  # taken out (or replaced) while this request waited for the lock
+                error = NotFound(f"The adapter folder of {name!r} is gone from the adapters directory; "
+                                 "put it back, or load the adapter by path.")
+                error.param = "model"
+                raise error
             while len(self.adapters.infos) >= self.settings.max_loaded_adapters:
                 busy = self._in_use() | {self.adapters.default}
                 spare = [n for n in self.adapters.infos if n in shared and n not in busy]

@@ -69,6 +69,8 @@ class _Layer:
         self.b: torch.Tensor | None = None  # [slots, rank, out]
 
     def fill(self, slot: int, adapter: str | None) -> None:
+        if self.a is None:  # a LoRA layer none of the loaded adapters uses (peft keeps it after an unload)
+            return
         self.a[slot].zero_()
         self.b[slot].zero_()
         pair = self.pairs.get(adapter) if adapter else None

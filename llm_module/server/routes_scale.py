@@ -36,10 +36,9 @@ class SharedAdapters:
         self.root = root
         self.served: dict[str, tuple | None] = {}  # name -> fingerprint, for the adapters this folder provided
         self.last_report: dict | None = None
-        self._lock = threading.Lock()
 
     def sync(self) -> dict:
-        with self._lock:
+        with self.engine.catalog.lock:  # no on-demand load of these folders runs meanwhile
             report: dict = {"adapters_dir": str(self.root), "loaded": [], "reloaded": [], "unchanged": [],
                             "unloaded": [], "on_demand": [], "skipped": {}, "failed": {}}
             found = adapter_folders(self.root)
@@ -48,8 +47,11 @@ class SharedAdapters:
             loaded_at = {a["name"]: a["loaded_at"] for a in listed}
             for name, adapter_dir in found.items():
                 self._sync_one(name, adapter_dir, live.get(name), loaded_at.get(name), report)
-            for name in sorted(set(self.served) - set(found)):
-                self.served.pop(name)
+            # Gone from the folder: what this sync loaded, and what a request loaded on demand from it.
+            root = self.root.resolve()
+            from_here = {name for name, path in live.items() if root in path.resolve().parents}
+            for name in sorted((set(self.served) | from_here) - set(found)):
+                self.served.pop(name, None)
                 if name in live:
                     self.engine.unload_adapter(name)
                     report["unloaded"].append(name)

@@ -94,40 +94,38 @@ class Number(ConstrainedFloat):
         yield float_finite_validator
 
 
-class StrictDict(dict):
+class _Exactly:
+    """A field that takes a value of ``accepts`` and nothing pydantic 1 would coerce into one."""
+
+    accepts: type
+    json_type: str
+    refusal: str
+
+    @classmethod
+    def __get_validators__(cls):
+        yield cls.validate
+
+    @classmethod
+    def validate(cls, value: Any) -> Any:
+        if not isinstance(value, cls.accepts):
+            raise TypeError(cls.refusal)
+        return value
+
+    @classmethod
+    def __modify_schema__(cls, schema: dict) -> None:
+        schema.update(type=cls.json_type)
+
+
+class StrictDict(_Exactly, dict):
     """A JSON object (pydantic 1 would turn a list of pairs into a dict)."""
 
-    @classmethod
-    def __get_validators__(cls):
-        yield cls.validate
-
-    @classmethod
-    def validate(cls, value: Any) -> dict:
-        if not isinstance(value, dict):
-            raise TypeError("value is not an object")
-        return value
-
-    @classmethod
-    def __modify_schema__(cls, schema: dict) -> None:
-        schema.update(type="object")
+    accepts, json_type, refusal = dict, "object", "value is not an object"
 
 
-class StrictBool(int):
+class StrictBool(_Exactly, int):
     """true or false, nothing else (pydantic 1 would take "yes", 1 and "off")."""
 
-    @classmethod
-    def __get_validators__(cls):
-        yield cls.validate
-
-    @classmethod
-    def validate(cls, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise TypeError("value is not true or false")
-        return value
-
-    @classmethod
-    def __modify_schema__(cls, schema: dict) -> None:
-        schema.update(type="boolean")
+    accepts, json_type, refusal = bool, "boolean", "value is not true or false"
 
 
 class NonEmptyText(ConstrainedStr):
