@@ -160,13 +160,14 @@ def _warp(logits: torch.Tensor, states: list[RowSampling]) -> torch.Tensor:
         for row, k in enumerate(top_ks):
             if k:
                 logits[row][logits[row] < kth[row, k - 1]] = NEG_INF
-    top_ps = torch.tensor([p.top_p for p in params], dtype=logits.dtype)
-    if bool((top_ps < 1.0).any()):
-        ordered, order = logits.sort(dim=-1, descending=False)
+    nucleus = [row for row, p in enumerate(params) if p.top_p < 1.0]
+    if nucleus:  # sorting the vocabulary is the costly part: only the rows that ask for top-p
+        top_ps = torch.tensor([params[row].top_p for row in nucleus], dtype=logits.dtype)
+        ordered, order = logits[nucleus].sort(dim=-1, descending=False)
         cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
         remove = cumulative <= (1 - top_ps)[:, None]
         remove[:, -1] = False  # keep at least the most likely token
-        logits = logits.scatter(-1, order, ordered.masked_fill(remove, NEG_INF))
+        logits[nucleus] = logits[nucleus].scatter(-1, order, ordered.masked_fill(remove, NEG_INF))
     min_ps = torch.tensor([p.min_p for p in params], dtype=logits.dtype)
     if bool((min_ps > 0).any()):
         probs = logits.softmax(dim=-1)
