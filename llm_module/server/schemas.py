@@ -256,11 +256,9 @@ class DefaultAdapterBody(Strict):
                                                       "base model.")
 
 
-class TrainBody(Strict):
-    data_file: NonBlank
-    output_dir: NonBlank
-    training_params: StrictDict | None = None
-    resume_from_checkpoint: Union[StrictBool, NonBlank] = False
+class TrainFields(Strict):
+    """llm.train's options, as POST /v1/jobs/train and the train action both take them."""
+
     adapter_name: AdapterName | None = None
     data_format: StrictText | None = None
     val_set_size: Number | None = None
@@ -273,6 +271,13 @@ class TrainBody(Strict):
     num_processes: bounded(int, ge=1) | None = Field(None, description="Train as a torchrun job of N processes.")
     lora_config_kwargs: StrictDict | None = None
     training_args_kwargs: StrictDict | None = None
+
+
+class TrainBody(TrainFields):
+    data_file: NonBlank
+    output_dir: NonBlank
+    training_params: StrictDict | None = None
+    resume_from_checkpoint: Union[StrictBool, NonBlank] = False
 
     def options(self) -> dict:
         return self.dict(exclude_none=True)
@@ -433,22 +438,10 @@ class SetupParams(Strict):
     tokenizer_name: PathOrEmpty | None = Field(None, description="Another tokenizer folder.")
 
 
-class TrainOptions(Strict):
+class TrainOptions(TrainFields):
     """llm.train's options. A multi-node run also takes nnodes, node_rank, master_addr and master_port, whose
     rules bind them to each other (docs/training.md); they are left out here."""
 
-    adapter_name: AdapterName | None = None
-    data_format: StrictText | None = None
-    val_set_size: Number | None = None
-    eval_file: NonBlank | None = None
-    seed: StrictInt | None = None
-    prompt_template: StrictText | None = None
-    train_on_inputs: StrictBool | None = None
-    check_forgetting: StrictBool | None = Field(None, description="Answer general questions with and without the "
-                                                                  "adapter after training (default true).")
-    num_processes: bounded(int, ge=1) | None = Field(None, description="Train as a torchrun job of N processes.")
-    lora_config_kwargs: StrictDict | None = None
-    training_args_kwargs: StrictDict | None = None
     background: StrictBool | None = Field(None, description="Run as a job and answer its id at once.")
 
 
