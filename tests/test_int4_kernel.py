@@ -300,3 +300,55 @@ def test_nothing_is_compiled_at_run_time():
     """The kernels are built by setup.py at install time; the run-time module only imports them."""
     source = open(int4_kernel.__file__, encoding="utf-8").read()
     assert "cpp_extension" not in source and "import_module(name)" in source
+
+
+# ----------------------------------------------------------------------------------- worker threads
+@pytest.fixture()
+def pool_threads(build):
+    """Set the build's worker count for one test, then put it back."""
+    before = build.threads()
+    yield build.set_threads
+    build.set_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_the_product_is_the_same_however_many_workers_split_it(build, pool_threads, threads):
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(80, 96, generator=generator)  # 5 blocks of 16 columns: parts of unequal size
+    x = torch.randn(9, 96, generator=generator)
+    codes, scales, mins = _int4_grid(weight, 32)
+    int8_packed = int4_kernel.pack_int8(*_int8_grid(weight))
+    pool_threads(threads)
+    got4 = build.int4_mm(x, *int4_kernel.pack(codes, scales, mins), 1)
+    got8 = build.int8_mm(x, *int8_packed, 80, 1)
+    pool_threads(1)
+    assert torch.equal(got4, build.int4_mm(x, *int4_kernel.pack(codes, scales, mins), 1))
+    assert torch.equal(got8, build.int8_mm(x, *int8_packed, 80, 1))
+    expected = _exact(x, codes, scales, mins)
+    torch.testing.assert_close(got4.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_callers_in_several_threads_at_once_each_get_their_own_product(build, pool_threads):
+    """One caller uses the workers; a second one arriving meanwhile computes alone: both right."""
+    import threading
+
+    pool_threads(2)
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.randn(256, 128, generator=generator)
+    packed = int4_kernel.pack(*_int4_grid(weight, 32))
+    inputs = [torch.randn(3, 128, generator=generator) for _ in range(4)]
+    expected = [build.int4_mm(x, *packed, 1) for x in inputs]
+    wrong: list[int] = []
+
+    def caller(index: int) -> None:
+        for _ in range(300):
+            if not torch.equal(build.int4_mm(inputs[index], *packed, 1), expected[index]):
+                wrong.append(index)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a caller hung: the workers lost a job"
+    assert not wrong

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
+import torch
 
-from llm_module.runtime.threads import run_in_fresh_thread
+from llm_module.runtime import int4_kernel
+from llm_module.runtime.threads import _GOMP_FUNCTIONS, _find_library, kernels_own_the_cores, run_in_fresh_thread
 
 RECORDS = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
            {"instruction": "Name a fruit.", "input": "", "output": "A pear."}]
@@ -66,3 +69,66 @@ def test_calls_run_on_the_serving_thread_and_raise_their_errors(engine):
     with pytest.raises(ZeroDivisionError):
         engine.serving.call(lambda: 1 / 0)
     assert engine.generate("Hi", max_new_tokens=2, do_sample=False)  # the loop lives on
+
+
+# ------------------------------------------------------------- the serving thread and OpenMP
+def test_the_libgomp_we_set_is_torchs_own_even_beside_another_wheels_copy():
+    """sentencepiece vendors a libgomp of its own, loaded beside torch's: setting that one's thread
+    count changed nothing of torch's (the thread-robustness fix did nothing until this was found)."""
+    import sentencepiece  # noqa: F401  (its libgomp-*.so is loaded now)
+
+    lib = _find_library("libgomp", _GOMP_FUNCTIONS)
+    assert lib is not None and lib._name.startswith(str(Path(torch.__file__).parent))
+
+
+def test_inside_the_block_torch_runs_on_one_thread_and_after_it_as_before():
+    before = torch.get_num_threads()
+    assert before > 1, "this check needs a machine with 2 cores or more"
+    with kernels_own_the_cores():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with kernels_own_the_cores(enabled=False):
+        assert torch.get_num_threads() == before
+
+
+def _serving_thread_counts(engine) -> list[int]:
+    counts: list[int] = []
+    hook = engine.host.model.get_input_embeddings().register_forward_pre_hook(
+        lambda module, args: counts.append(torch.get_num_threads()))
+    try:
+        engine.generate("Hello", max_new_tokens=3, do_sample=False)
+    finally:
+        hook.remove()
+    return counts
+
+
+@pytest.mark.skipif(int4_kernel.kernel() is None, reason="llm_module's kernel cannot run on this CPU")
+def test_a_model_on_our_kernels_runs_its_forwards_with_one_openmp_thread(tmp_path):
+    """Its matmuls are split by the kernels' own workers, so torch's ops in the serving thread
+    leave the cores to them: no OpenMP team for other threads' idle teams to slow down."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llm_module.engine import Engine
+    from llm_module.engine.state import StateFile
+    from tests.conftest import _default_tokenizer
+
+    tokenizer = _default_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=1024, num_hidden_layers=1,
+                         num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(str(tmp_path / "model"))
+    tokenizer.save_pretrained(str(tmp_path / "model"))
+    engine = Engine(state_file=StateFile(tmp_path / "state.json"))
+    try:
+        engine.setup(str(tmp_path / "model"), quantize="int4")
+        assert engine.host.patches.int4_kernel.startswith("llm_module")
+        caller_threads = torch.get_num_threads()
+        counts = _serving_thread_counts(engine)
+        assert counts and set(counts) == {1}
+        assert torch.get_num_threads() == caller_threads  # the caller's own setting is untouched
+    finally:
+        engine.close()
+
+
+def test_a_model_on_torchs_kernels_keeps_torchs_threads(engine):
+    assert set(_serving_thread_counts(engine)) == {torch.get_num_threads()} != {1}

@@ -362,3 +362,12 @@ def parameter_count(model: nn.Module) -> int:
     packed = {id(m.weight): 0 if getattr(m, "copies_tied_embedding", False) else m.in_features * m.out_features
               for m in model.modules() if isinstance(m, WeightOnlyLinear)}
     return sum(packed.get(id(p), p.numel()) for p in model.parameters())
+
+
+def runs_on_own_kernels(model: nn.Module, smallest: int = 1 << 18) -> bool:
+    """Whether every linear layer of ``smallest`` weights or more runs on llm_module's kernels
+    (packed, without a dense copy): then a forward pass needs no OpenMP threads of torch's
+    (runtime/threads.py ``kernels_own_the_cores``); LoRA's small products run serially."""
+    large = [m for m in model.modules() if isinstance(m, nn.Linear) and m.in_features * m.out_features >= smallest]
+    return bool(large) and all(isinstance(m, WeightOnlyLinear) and m.kernel in (OWN_INT4, OWN_INT8)
+                               and m.dense_weight is None for m in large)

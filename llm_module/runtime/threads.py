@@ -11,61 +11,106 @@ Work on other copies (setup's loading, foreground training) runs in a short-live
 own, whose OpenMP team goes away when it ends, never in the caller's thread, which may be jsctl's
 main thread or a server worker that lives forever.
 
-A caller's thread may have run torch work of its own before calling us (another action, user
-code): its idle team would slow every step of ours. ``release_openmp_team`` frees the calling
-thread's team (OpenMP 5's ``omp_pause_resource_all``, which only acts on the thread that calls
-it), so the engine's entry points call it before they hand work to the loop.
+That is not enough on its own: a caller's thread may have run torch work before calling us
+(another action, user code), or another library may keep a torch model in a thread of its own.
+Their idle teams count too, and we cannot end them (``release_openmp_team`` frees only the
+calling thread's). So where the model's matmuls run on llm_module's kernels, the forward passes
+leave OpenMP out: ``kernels_own_the_cores`` gives the serving thread one OpenMP (and MKL) thread,
+so torch's own ops run serially there, and the kernels split their matmuls over their own worker
+threads (csrc/worker_pool.h), which keep spinning between matmuls whatever other threads did.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 _OMP_PAUSE_SOFT = 1  # omp_pause_soft: the team's threads end; the next parallel region starts new ones
 _libgomp: list = []
+_libmkl: list = []
+_GOMP_FUNCTIONS = ("omp_set_num_threads", "omp_pause_resource_all")
 
 
 def set_thread_count(threads: int | None = None) -> int:
-    """Use ``threads`` intra-op threads, by default one per core this process may run on (torch's
-    default can exceed that)."""
+    """Use ``threads`` intra-op threads (torch's and our kernels' workers), by default one per core
+    this process may run on (torch's default can exceed that)."""
     import torch
+
+    from . import int4_kernel
 
     wanted = threads or len(os.sched_getaffinity(0))
     if torch.get_num_threads() != wanted:
         torch.set_num_threads(wanted)
+    kernel = int4_kernel.kernel()
+    if kernel is not None:
+        kernel.set_threads(wanted)
     return wanted
+
+
+@contextlib.contextmanager
+def kernels_own_the_cores(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, torch's ops in this thread run on one OpenMP (and MKL) thread, leaving the
+    cores to our kernels' own workers; with ``enabled`` False, or where libgomp is out of reach,
+    nothing changes."""
+    gomp = _library(_libgomp, "libgomp", _GOMP_FUNCTIONS) if enabled else None
+    if gomp is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()  # also lets torch set this thread's OpenMP count first
+    # MKL's C name: the lower-case mkl_set_num_threads_local is its Fortran entry (takes a pointer).
+    mkl = _library(_libmkl, "libtorch_cpu", ("MKL_Set_Num_Threads_Local",))
+    gomp.omp_set_num_threads(1)
+    mkl_before = mkl.MKL_Set_Num_Threads_Local(1) if mkl is not None else 0
+    try:
+        yield
+    finally:
+        gomp.omp_set_num_threads(before)
+        if mkl is not None:
+            mkl.MKL_Set_Num_Threads_Local(mkl_before)
 
 
 def release_openmp_team() -> bool:
     """Free the calling thread's idle OpenMP team, if it has one; True if libgomp was reached."""
-    if not _libgomp:
-        _libgomp.append(_find_libgomp())
-    lib = _libgomp[0]
+    lib = _library(_libgomp, "libgomp", _GOMP_FUNCTIONS)
     if lib is None:
         return False
     lib.omp_pause_resource_all(_OMP_PAUSE_SOFT)
     return True
 
 
-def _find_libgomp():
-    """The libgomp that torch runs on (already loaded into this process), or None."""
-    import torch  # noqa: F401  (loads libgomp, if it is not loaded yet)
+def _library(memo: list, prefix: str, needed: tuple[str, ...]):
+    """The library torch loaded whose file name starts with ``prefix`` and which exports ``needed``
+    (found once, kept in ``memo``), or None."""
+    if not memo:
+        memo.append(_find_library(prefix, needed))
+    return memo[0]
 
-    for path in _loaded_libraries():
-        if os.path.basename(path).startswith("libgomp"):
+
+def _find_library(prefix: str, needed: tuple[str, ...]):
+    import torch  # loads libgomp and libtorch_cpu, if they are not loaded yet
+
+    # torch's own copy first: other wheels vendor a libgomp of their own (sentencepiece's is
+    # loaded beside torch's), and setting that one's threads changes nothing of torch's.
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    candidates = sorted(_loaded_libraries(), key=lambda path: not path.startswith(torch_dir))
+    for path in candidates:
+        if os.path.basename(path).startswith(prefix):
             try:
                 lib = ctypes.CDLL(path)
-                lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
+                for name in needed:
+                    getattr(lib, name).argtypes = [ctypes.c_int]
                 return lib
             except (OSError, AttributeError) as exc:
-                log.debug("libgomp at %s is not usable: %s", path, exc)
+                log.debug("%s at %s is not usable: %s", prefix, path, exc)
     return None
 
 

@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..runtime.lora_rows import LoraRows, can_stack
+from ..runtime.quantize import runs_on_own_kernels
+from ..runtime.threads import kernels_own_the_cores
 from .kv_cache import SlotCache
 from .prefix_cache import PrefixCache
 from .request import Row
@@ -50,12 +52,15 @@ class ModelRunner:
         self.plain_causal = not self.layer_types and not self.window  # no mask beyond causality
         self.boolean_mask = getattr(config, "_attn_implementation", "sdpa") in BOOLEAN_MASK_ATTENTION
         self.dtype = next(model.parameters()).dtype
+        self.own_kernels = runs_on_own_kernels(model)
 
     # ------------------------------------------------------------------ rows and slots
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        """Forwards run inside this block (the per-row LoRA forwards are installed for it)."""
-        with self.lora.installed() if self.lora is not None else contextlib.nullcontext():
+        """Forwards run inside this block: the per-row LoRA forwards are installed for it, and where
+        the matmuls run on our kernels, torch's ops in this thread leave the cores to their workers."""
+        with kernels_own_the_cores(self.own_kernels), \
+                self.lora.installed() if self.lora is not None else contextlib.nullcontext():
             yield
 
     @torch.inference_mode()

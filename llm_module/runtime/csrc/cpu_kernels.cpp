@@ -26,8 +26,9 @@
 // w = (byte - 128) * scale. The last block's columns past N are zero and never stored.
 //   out[m, n] = sum_g scale[n, g] * d[m, g] * (sum_k byte[n, k] * q[m, k] - 128 * sum_k q[m, k])
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
+
+#include "worker_pool.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -104,7 +105,7 @@ void int4_block(const int8_t* q, int64_t K, const float* d, const float* sums, c
 template <int ROWS, int PARTS>
 void int4_pass(const int8_t* q, int64_t K, const float* d, const float* sums, const uint8_t* packed,
                const uint16_t* scales, const uint16_t* mins, int64_t G, float* out, int64_t N) {
-  at::parallel_for(0, N / kCols, 1, [&](int64_t begin, int64_t end) {
+  worker_pool::parallel_for(0, N / kCols, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb) int4_block<ROWS, PARTS>(q, K, d, sums, packed, scales, mins, G, out, N, nb);
   });
 }
@@ -173,7 +174,7 @@ constexpr Int8Block kInt8Blocks[2][kMaxRows] = {
 void int8_rows(const int8_t* q, int64_t M, int64_t K, int parts, const float* d, const int32_t* offsets,
                const uint8_t* packed, const uint16_t* scales, int64_t G, float* out, int64_t N) {
   const int64_t NB = (N + kCols - 1) / kCols;
-  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
+  worker_pool::parallel_for(0, NB, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb) {
       const int64_t columns = std::min<int64_t>(kCols, N - nb * kCols);
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
@@ -294,11 +295,14 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& packed, const
 
 // int4_kernel.KERNEL_VERSION must equal it: a build of other sources (an older in-place build
 // left in a checkout) is not loaded. Bump it with any change of a layout or a signature.
-constexpr int kVersion = 4;
+constexpr int kVersion = 5;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("VERSION") = kVersion;
   m.attr("ISA") = "AVX-512 VNNI";
   m.def("int4_mm", &int4_mm, "batched int4 x int8 matmul, float32 output");
   m.def("int8_mm", &int8_mm, "batched int8 x int8 matmul, float32 output");
+  m.def("set_threads", [](int threads) { worker_pool::Pool::get().set_threads(threads); },
+        "threads the matmuls are split over (the calling thread included)");
+  m.def("threads", [] { return worker_pool::Pool::get().threads(); });
 }

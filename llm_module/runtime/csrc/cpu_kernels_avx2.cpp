@@ -14,8 +14,9 @@
 // columns; each pass takes one half of a block for up to 4 rows, and the other half and the
 // next rows read the block's weights again from L1.
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 #include <immintrin.h>
+
+#include "worker_pool.h"
 
 #include <algorithm>
 #include <cmath>
@@ -212,7 +213,7 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& packed, const
   const auto* s = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   const auto* mn = reinterpret_cast<const uint16_t*>(mins.data_ptr());
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
+  worker_pool::parallel_for(0, NB, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb) {
       for (int half = 0; half < 2; ++half) {
         for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
@@ -251,7 +252,7 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& packed, const
   const uint8_t* weights = packed.data_ptr<uint8_t>();
   const auto* s = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
+  worker_pool::parallel_for(0, NB, [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb) {
       const int64_t columns = std::min<int64_t>(kCols, N - nb * kCols);
       for (int half = 0; half < 2; ++half) {
@@ -266,11 +267,14 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& packed, const
   return out;
 }
 
-constexpr int kVersion = 4;  // as cpu_kernels.cpp: int4_kernel.KERNEL_VERSION must equal it
+constexpr int kVersion = 5;  // as cpu_kernels.cpp: int4_kernel.KERNEL_VERSION must equal it
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("VERSION") = kVersion;
   m.attr("ISA") = "AVX2";
   m.def("int4_mm", &int4_mm, "batched int4 x int8 matmul, float32 output");
   m.def("int8_mm", &int8_mm, "batched int8 x int8 matmul, float32 output");
+  m.def("set_threads", [](int threads) { worker_pool::Pool::get().set_threads(threads); },
+        "threads the matmuls are split over (the calling thread included)");
+  m.def("threads", [] { return worker_pool::Pool::get().threads(); });
 }
