@@ -12,7 +12,8 @@ import torch
 from transformers.generation import logits_process as hf
 
 from llm_module.options import SamplingParams
-from llm_module.serving.sampling import RowSampling, _penalise, _warp, pick_tokens
+from llm_module.serving import sampling
+from llm_module.serving.sampling import RowSampling, _penalise, _warp, draw, pick_tokens
 
 VOCAB = 64
 PROMPT = [3, 5, 7, 5, 9]
@@ -69,6 +70,39 @@ def test_warpers_equal_transformers_warpers(options, processors):
             expected = processor(IDS, expected)
         ours = _warp(scores, [_state(do_sample=True, **options)])
         torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("candidates", [2, 8, 24])
+def test_top_p_ranks_few_candidates_where_they_hold_the_mass_and_the_vocabulary_where_not(monkeypatch, candidates):
+    """With fewer candidates than the nucleus needs a row sorts all its tokens: either way the
+    result is transformers' (peaked rows, as a language model's, and flat ones)."""
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", candidates)
+    for seed in range(4):
+        flat = _scores(seed)
+        peaked = flat.clone()
+        peaked[0, :6] += torch.tensor([9.0, 8.0, 7.5, 6.0, 3.0, 2.0])
+        for scores in (flat, peaked):
+            for top_p in (0.3, 0.9):
+                expected = hf.TopPLogitsWarper(top_p)(IDS, scores.clone())
+                ours = _warp(scores.clone(), [_state(do_sample=True, top_p=top_p)])
+                torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_draws_follow_the_probabilities_and_never_pick_an_impossible_token():
+    probs = torch.zeros(2, VOCAB)
+    probs[0, [3, 10, 63]] = torch.tensor([0.5, 0.3, 0.2])
+    probs[1, 0] = 1.0
+    generators = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    counts = torch.zeros(VOCAB)
+    for _ in range(4000):
+        tokens = draw(probs, generators)
+        assert tokens[1] == 0
+        counts[tokens[0]] += 1
+    assert set(counts.nonzero().flatten().tolist()) == {3, 10, 63}  # the last token too, none of the zeros
+    torch.testing.assert_close(counts[[3, 10, 63]] / 4000, torch.tensor([0.5, 0.3, 0.2]), rtol=0, atol=0.03)
+    again = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    first = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    assert torch.equal(draw(probs, again), draw(probs, first))  # a seed gives the same draw
 
 
 def test_rows_with_different_settings_in_one_batch_each_get_their_own():

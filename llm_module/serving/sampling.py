@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 NEG_INF = float("-inf")
+TOP_P_CANDIDATES = 1024  # tokens ranked first for top-p; past them, only where they hold under top_p
 
 
 @dataclass
@@ -91,8 +92,7 @@ def pick_tokens(logits: torch.Tensor, states: list[RowSampling], generated: list
         tokens[greedy] = processed[greedy].argmax(dim=-1)
     if sampling:
         probs = torch.softmax(_warp(_saturated(processed[sampling]), [states[i] for i in sampling]), dim=-1)
-        for row, i in enumerate(sampling):
-            tokens[i] = torch.multinomial(probs[row], 1, generator=states[i].generator)[0]
+        tokens[sampling] = draw(probs, [states[i].generator for i in sampling])
     chosen = tokens.tolist()
     scored = [i for i, s in enumerate(states) if s.params.logprobs is not None or s.params.entropy]
     logprobs = torch.log_softmax(raw[scored], dim=-1) if scored else None
@@ -106,6 +106,18 @@ def pick_tokens(logits: torch.Tensor, states: list[RowSampling], generated: list
         if params.entropy:
             pick.entropy = float(-(logprobs[row].exp() * logprobs[row]).sum())
     return picks
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of ``probs`` ([rows, vocab]), each from its own generator: where one
+    uniform number falls in the row's cumulative distribution. (torch.multinomial draws an
+    exponential number for every token of the vocabulary: ~1 ms a row at 49,152 tokens.)"""
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    uniform = torch.cat([torch.rand(1, dtype=torch.float64, generator=g) for g in generators])[:, None]
+    # Below the total, so the point lands on a token with probability (not past the last one).
+    point = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, point, right=True).squeeze(-1)
 
 
 def _penalise(logits: torch.Tensor, states: list[RowSampling], generated: list[list[int]]) -> torch.Tensor:
@@ -161,13 +173,9 @@ def _warp(logits: torch.Tensor, states: list[RowSampling]) -> torch.Tensor:
             if k:
                 logits[row][logits[row] < kth[row, k - 1]] = NEG_INF
     nucleus = [row for row, p in enumerate(params) if p.top_p < 1.0]
-    if nucleus:  # sorting the vocabulary is the costly part: only the rows that ask for top-p
+    if nucleus:
         top_ps = torch.tensor([params[row].top_p for row in nucleus], dtype=logits.dtype)
-        ordered, order = logits[nucleus].sort(dim=-1, descending=False)
-        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - top_ps)[:, None]
-        remove[:, -1] = False  # keep at least the most likely token
-        logits[nucleus] = logits[nucleus].scatter(-1, order, ordered.masked_fill(remove, NEG_INF))
+        logits[nucleus] = _top_p(logits[nucleus], top_ps)
     min_ps = torch.tensor([p.min_p for p in params], dtype=logits.dtype)
     if bool((min_ps > 0).any()):
         probs = logits.softmax(dim=-1)
@@ -177,6 +185,31 @@ def _warp(logits: torch.Tensor, states: list[RowSampling]) -> torch.Tensor:
         if p.typical_p < 1.0:
             logits[row] = _typical(logits[row], p.typical_p)
     return logits
+
+
+def _top_p(logits: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    """transformers' TopPLogitsWarper per row: a token stays while the tokens more likely than it
+    hold less than ``top_p`` of the probability, the most likely one always.
+
+    Sorting the whole vocabulary is the costly part (~4 ms a row for 49,152 tokens), so each row
+    first looks at its ``TOP_P_CANDIDATES`` most likely tokens: where they hold ``top_p`` (as in
+    nearly every step of a language model), every token past them goes and only they are ranked;
+    the other rows sort their whole vocabulary."""
+    k = min(TOP_P_CANDIDATES, logits.shape[-1])
+    values, ids = logits.topk(k, dim=-1)  # most likely first
+    probs = (values - logits.logsumexp(dim=-1, keepdim=True)).exp()
+    keep = probs.cumsum(dim=-1) - probs < top_ps[:, None]  # the mass of the tokens before each one
+    keep[:, 0] = True
+    covered = probs.sum(dim=-1) >= top_ps
+    out = torch.full_like(logits, NEG_INF).scatter(-1, ids, values.masked_fill(~keep, NEG_INF))
+    wide = (~covered).nonzero().flatten().tolist()
+    if wide:
+        ordered, order = logits[wide].sort(dim=-1, descending=False)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - top_ps[wide])[:, None]
+        remove[:, -1] = False  # keep at least the most likely token
+        out[wide] = logits[wide].scatter(-1, order, ordered.masked_fill(remove, NEG_INF))
+    return out
 
 
 def _saturated(logits: torch.Tensor) -> torch.Tensor:
