@@ -49,7 +49,7 @@ def cpu_kernel_build() -> dict:
     installs without them and serves with torch's kernels (runtime/int4_kernel.py logs why).
 
     The build needs torch importable (install torch first, then this package with pip's
-    ``--no-build-isolation``) and a C++ compiler.
+    ``--no-build-isolation``) and a C++ compiler with OpenMP.
     """
     if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
         _warn(f"no CPU kernel for {sys.platform}/{platform.machine()}: the packed layers will use torch's kernels.")
@@ -63,7 +63,7 @@ def cpu_kernel_build() -> dict:
         return {}
 
     class OptionalBuildExtension(BuildExtension):
-        """A kernel that fails to build (no compiler, a compiler without AVX-512 VNNI)
+        """A kernel that fails to build (no compiler, no OpenMP, a compiler without AVX-512 VNNI)
         warns and the package installs without it."""
 
         def build_extension(self, ext) -> None:
@@ -73,7 +73,7 @@ def cpu_kernel_build() -> dict:
                 self.failed = [*getattr(self, "failed", []), ext]
                 _warn(f"llm_module's CPU kernel {ext.name} could not be built ({exc}); the package is installed "
                       "without it, and on the CPUs it is for the packed layers use torch's slower kernels. A C++ "
-                      "compiler (g++) builds it: reinstall with pip install --no-build-isolation ...")
+                      "compiler with OpenMP (g++) builds it: reinstall with pip install --no-build-isolation ...")
 
         def run(self) -> None:
             try:
@@ -85,7 +85,7 @@ def cpu_kernel_build() -> dict:
             self.extensions = [ext for ext in self.extensions if ext not in getattr(self, "failed", [])]
 
     extensions = [CppExtension(name, [source], depends=["llm_module/runtime/csrc/worker_pool.h"],
-                               extra_compile_args=["-O3", "-g0", "-pthread", *flags], extra_link_args=["-pthread"])
+                               extra_compile_args=["-O3", "-g0", "-fopenmp", *flags], extra_link_args=["-fopenmp"])
                   for name, (source, flags) in CPU_KERNELS.items()]
     return {"ext_modules": extensions, "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=False)}}
 

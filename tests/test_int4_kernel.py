@@ -305,9 +305,11 @@ def test_nothing_is_compiled_at_run_time():
 # ----------------------------------------------------------------------------------- worker threads
 @pytest.fixture()
 def pool_threads(build):
-    """Set the build's worker count for one test, then put it back."""
+    """This thread's matmuls on the build's own workers, their count set by the test; then as before."""
     before = build.threads()
+    build.set_own_workers(True)
     yield build.set_threads
+    build.set_own_workers(False)
     build.set_threads(before)
 
 
@@ -341,6 +343,7 @@ def test_callers_in_several_threads_at_once_each_get_their_own_product(build, po
     wrong: list[int] = []
 
     def caller(index: int) -> None:
+        build.set_own_workers(True)  # a per-thread choice
         for _ in range(300):
             if not torch.equal(build.int4_mm(inputs[index], *packed, 1), expected[index]):
                 wrong.append(index)

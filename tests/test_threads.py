@@ -91,25 +91,28 @@ def test_inside_the_block_torch_runs_on_one_thread_and_after_it_as_before():
         assert torch.get_num_threads() == before
 
 
-def _serving_thread_counts(engine) -> list[int]:
-    counts: list[int] = []
+def _forward_threads(engine) -> list[tuple[int, int]]:
+    """(tokens fed, torch's thread count) of each forward pass of one generation."""
+    seen: list[tuple[int, int]] = []
     hook = engine.host.model.get_input_embeddings().register_forward_pre_hook(
-        lambda module, args: counts.append(torch.get_num_threads()))
+        lambda module, args: seen.append((args[0].numel(), torch.get_num_threads())))
     try:
-        engine.generate("Hello", max_new_tokens=3, do_sample=False)
+        engine.generate("Hello there, how are you today?", max_new_tokens=3, do_sample=False)
     finally:
         hook.remove()
-    return counts
+    return seen
 
 
 @pytest.mark.skipif(int4_kernel.kernel() is None, reason="llm_module's kernel cannot run on this CPU")
-def test_a_model_on_our_kernels_runs_its_forwards_with_one_openmp_thread(tmp_path):
+def test_a_model_on_our_kernels_decodes_few_rows_with_one_openmp_thread(tmp_path):
     """Its matmuls are split by the kernels' own workers, so torch's ops in the serving thread
-    leave the cores to them: no OpenMP team for other threads' idle teams to slow down."""
+    leave the cores to them: no OpenMP team for other threads' idle teams to slow down. A forward
+    of many tokens (the prompt here) gets torch's threads back for its other ops."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llm_module.engine import Engine
     from llm_module.engine.state import StateFile
+    from llm_module.serving.runner import OWN_WORKERS_MAX_TOKENS
     from tests.conftest import _default_tokenizer
 
     tokenizer = _default_tokenizer()
@@ -123,12 +126,25 @@ def test_a_model_on_our_kernels_runs_its_forwards_with_one_openmp_thread(tmp_pat
         engine.setup(str(tmp_path / "model"), quantize="int4")
         assert engine.host.patches.int4_kernel.startswith("llm_module")
         caller_threads = torch.get_num_threads()
-        counts = _serving_thread_counts(engine)
-        assert counts and set(counts) == {1}
+        seen = _forward_threads(engine)
+        few = {threads for tokens, threads in seen if tokens <= OWN_WORKERS_MAX_TOKENS}
+        many = {threads for tokens, threads in seen if tokens > OWN_WORKERS_MAX_TOKENS}
+        assert few == {1} and many == {caller_threads}, seen
         assert torch.get_num_threads() == caller_threads  # the caller's own setting is untouched
     finally:
         engine.close()
 
 
 def test_a_model_on_torchs_kernels_keeps_torchs_threads(engine):
-    assert set(_serving_thread_counts(engine)) == {torch.get_num_threads()} != {1}
+    assert {threads for _, threads in _forward_threads(engine)} == {torch.get_num_threads()} != {1}
+
+
+def test_a_block_inside_a_block_gives_torchs_threads_back_and_takes_them_again():
+    if int4_kernel.kernel() is None:
+        pytest.skip("llm_module's kernel cannot run on this CPU")
+    before = torch.get_num_threads()
+    with kernels_own_the_cores():
+        with kernels_own_the_cores(False):
+            assert torch.get_num_threads() == before
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

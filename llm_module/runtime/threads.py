@@ -56,26 +56,43 @@ def set_thread_count(threads: int | None = None) -> int:
 
 @contextlib.contextmanager
 def kernels_own_the_cores(enabled: bool = True) -> Iterator[None]:
-    """Inside the block, torch's ops in this thread run on one OpenMP (and MKL) thread, leaving the
-    cores to our kernels' own workers; with ``enabled`` False, or where libgomp is out of reach,
-    nothing changes."""
-    gomp = _library(_libgomp, "libgomp", _GOMP_FUNCTIONS) if enabled else None
-    if gomp is None:
+    """Inside the block (``enabled``), this thread's matmuls on our kernels are split over the
+    kernels' own workers, and torch's ops in it run on one OpenMP (and MKL) thread, leaving the
+    cores to those workers; ``enabled=False`` inside such a block gives torch's OpenMP threads back
+    for a while (a batch of many rows, whose other ops need both cores). Where our kernel or
+    libgomp is out of reach, nothing changes."""
+    previous = getattr(_this_thread, "own", False)
+    if enabled == previous or not _own_the_cores(enabled):
         yield
         return
-    import torch
-
-    before = torch.get_num_threads()  # also lets torch set this thread's OpenMP count first
-    # MKL's C name: the lower-case mkl_set_num_threads_local is its Fortran entry (takes a pointer).
-    mkl = _library(_libmkl, "libtorch_cpu", ("MKL_Set_Num_Threads_Local",))
-    gomp.omp_set_num_threads(1)
-    mkl_before = mkl.MKL_Set_Num_Threads_Local(1) if mkl is not None else 0
     try:
         yield
     finally:
-        gomp.omp_set_num_threads(before)
-        if mkl is not None:
-            mkl.MKL_Set_Num_Threads_Local(mkl_before)
+        _own_the_cores(previous)
+
+
+_this_thread = threading.local()
+
+
+def _own_the_cores(own: bool) -> bool:
+    from . import int4_kernel
+
+    kernel = int4_kernel.kernel()
+    gomp = _library(_libgomp, "libgomp", _GOMP_FUNCTIONS) if kernel is not None else None
+    if gomp is None:
+        return False
+    if not hasattr(_this_thread, "threads"):
+        import torch
+
+        _this_thread.threads = torch.get_num_threads()  # also lets torch set this thread's count first
+    # MKL's C name: the lower-case mkl_set_num_threads_local is its Fortran entry (takes a pointer).
+    mkl = _library(_libmkl, "libtorch_cpu", ("MKL_Set_Num_Threads_Local",))
+    gomp.omp_set_num_threads(1 if own else _this_thread.threads)
+    if mkl is not None:
+        mkl.MKL_Set_Num_Threads_Local(1 if own else 0)  # 0: the process-wide count again
+    kernel.set_own_workers(own)
+    _this_thread.own = own
+    return True
 
 
 def release_openmp_team() -> bool:

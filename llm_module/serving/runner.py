@@ -24,6 +24,7 @@ from .prefix_cache import PrefixCache
 from .request import Row
 
 log = logging.getLogger(__name__)
+OWN_WORKERS_MAX_TOKENS = 1  # a lone row's decoding step runs on the kernels' own workers (bench/findings.md)
 
 # Attention implementations that take a boolean mask (True: attend); the others take an additive one.
 BOOLEAN_MASK_ATTENTION = ("sdpa", "llm_module_sdpa", "flex_attention")
@@ -143,8 +144,12 @@ class ModelRunner:
 
     def _run(self, model, where, ids, masks, positions, write_pos, kv_len) -> torch.Tensor:
         self.cache.plan(where, write_pos.to(self.device), kv_len)
-        out = model(input_ids=ids.to(self.device), attention_mask=masks, position_ids=positions.to(self.device),
-                    past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        # A batch of rows needs both cores for its attention and other torch ops more than it needs
+        # to be safe from other threads' OpenMP teams (bench/findings.md).
+        few = ids.numel() <= OWN_WORKERS_MAX_TOKENS
+        with kernels_own_the_cores(few) if self.own_kernels else contextlib.nullcontext():
+            out = model(input_ids=ids.to(self.device), attention_mask=masks, position_ids=positions.to(self.device),
+                        past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
     def _per_adapter(self, rows, ids, masks, positions, write_pos, kv_len) -> torch.Tensor:

@@ -305,4 +305,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_threads", [](int threads) { worker_pool::Pool::get().set_threads(threads); },
         "threads the matmuls are split over (the calling thread included)");
   m.def("threads", [] { return worker_pool::Pool::get().threads(); });
+  m.def("set_own_workers", [](bool on) { worker_pool::use_own_workers = on; },
+        "the calling thread's matmuls run on the kernels' workers (true) or on torch's OpenMP threads");
 }

@@ -1,4 +1,5 @@
-// The kernels' own worker threads, used instead of torch's OpenMP (at::parallel_for).
+// The kernels' own worker threads, used instead of torch's OpenMP (at::parallel_for) by a thread
+// that asked for them (set_own_workers): the serving thread, for batches of few rows.
 //
 // Why: libgomp stops spin-waiting between parallel regions once the process holds more OpenMP
 // threads than cores, which happens as soon as another thread has run torch work (the caller's
@@ -13,6 +14,7 @@
 // joined (the pool lives until the process ends); a forked child starts a fresh pool.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <pthread.h>
 
@@ -120,9 +122,16 @@ class Pool {
   int64_t parts_ = 1;
 };
 
-// at::parallel_for's shape, on the pool.
+// Whether this thread's matmuls run on the pool (else on torch's OpenMP threads).
+inline thread_local bool use_own_workers = false;
+
+// at::parallel_for's shape: on the pool where this thread asked for it, else at::parallel_for.
 inline void parallel_for(int64_t begin, int64_t end, const Range& fn) {
   if (end <= begin) return;
+  if (!use_own_workers) {
+    at::parallel_for(begin, end, 1, fn);
+    return;
+  }
   Pool::get().run(end - begin, [&](int64_t a, int64_t b) { fn(begin + a, begin + b); });
 }
 
