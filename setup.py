@@ -84,7 +84,8 @@ def cpu_kernel_build() -> dict:
                       "kernels.")
             self.extensions = [ext for ext in self.extensions if ext not in getattr(self, "failed", [])]
 
-    extensions = [CppExtension(name, [source], depends=["llm_module/runtime/csrc/worker_pool.h"],
+    headers = sorted(str(path) for path in (HERE / "llm_module" / "runtime" / "csrc").glob("*.h"))
+    extensions = [CppExtension(name, [source], depends=headers,
                                extra_compile_args=["-O3", "-g0", "-fopenmp", *flags], extra_link_args=["-fopenmp"])
                   for name, (source, flags) in CPU_KERNELS.items()]
     return {"ext_modules": extensions, "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=False)}}

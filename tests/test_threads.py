@@ -125,6 +125,7 @@ def test_a_model_on_our_kernels_decodes_few_rows_with_one_openmp_thread(tmp_path
     try:
         engine.setup(str(tmp_path / "model"), quantize="int4")
         assert engine.host.patches.int4_kernel.startswith("llm_module")
+        assert engine.host.patches.decode_attention == 1  # its one layer's decoding steps: our attention too
         caller_threads = torch.get_num_threads()
         seen = _forward_threads(engine)
         few = {threads for tokens, threads in seen if tokens <= OWN_WORKERS_MAX_TOKENS}

@@ -47,7 +47,7 @@ BUILDS = (
     ("llm_module.runtime._cpu_kernels", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"), "AVX-512 VNNI"),
     ("llm_module.runtime._cpu_kernels_avx2", ("avx2", "fma", "f16c"), "AVX2"),
 )
-KERNEL_VERSION = 5  # must equal the built modules' VERSION (kVersion in csrc/*.cpp)
+KERNEL_VERSION = 6  # must equal the built modules' VERSION (kVersion in csrc/*.cpp)
 GROUP_SIZE = 32  # inputs per scale/minimum group, fixed by the kernel
 BLOCK_COLUMNS = 16  # output columns per block, fixed by the kernel
 CPU_FLAGS = BUILDS[0][1]

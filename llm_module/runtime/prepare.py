@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from . import int4_kernel
-from .attention import use_grouped_attention
+from .attention import use_decode_attention, use_grouped_attention
 from .norms import use_fused_rms_norm
-from .quantize import DEFAULT_QUANT_MODE, QUANT_MODES, packed_cache_file, quantize_linears
+from .quantize import DEFAULT_QUANT_MODE, QUANT_MODES, packed_cache_file, quantize_linears, runs_on_own_kernels
 from .threads import set_thread_count
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class Patches:
     int4_kernel: str = "none"  # which kernel runs int4 layers: llm_module's own, torch's, or none
     dense_prefill: bool = False
     grouped_attention: bool = False
+    decode_attention: int = 0  # attention layers whose decoding steps run on llm_module's kernel
     fused_rms_norms: int = 0
     threads: int = 0
     quantization_cost: dict | None = None  # held-out perplexity before and after packing
@@ -138,6 +139,7 @@ def prepare(model: nn.Module, settings, *, device: str, source: str | None = Non
         int4_kernel=int4_kernel.describe(own_kernel) if mode == "int4" and count else "none",
         dense_prefill=bool(dense and count),
         grouped_attention=device == "cpu" and use_grouped_attention(model),
+        decode_attention=use_decode_attention(model) if device == "cpu" and runs_on_own_kernels(model) else 0,
         fused_rms_norms=use_fused_rms_norm(model) if device == "cpu" else 0,
         threads=set_thread_count(settings.torch_threads or None),
         quantization_cost=cost if count else None,

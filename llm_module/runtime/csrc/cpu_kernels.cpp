@@ -28,6 +28,7 @@
 #include <torch/extension.h>
 #include <immintrin.h>
 
+#include "decode_attention.h"
 #include "worker_pool.h"
 
 #include <algorithm>
@@ -295,7 +296,7 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& packed, const
 
 // int4_kernel.KERNEL_VERSION must equal it: a build of other sources (an older in-place build
 // left in a checkout) is not loaded. Bump it with any change of a layout or a signature.
-constexpr int kVersion = 5;
+constexpr int kVersion = 6;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("VERSION") = kVersion;
@@ -305,6 +306,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_threads", [](int threads) { worker_pool::Pool::get().set_threads(threads); },
         "threads the matmuls are split over (the calling thread included)");
   m.def("threads", [] { return worker_pool::Pool::get().threads(); });
+  m.def("decode_attention", &decode_attention::decode_attention,
+        "one decoding step's attention, grouped key/value heads, float32 (see decode_attention.h)");
   m.def("set_own_workers", [](bool on) { worker_pool::use_own_workers = on; },
         "the calling thread's matmuls run on the kernels' workers (true) or on torch's OpenMP threads");
 }

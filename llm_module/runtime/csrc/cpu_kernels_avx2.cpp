@@ -267,7 +267,7 @@ torch::Tensor int8_mm(const torch::Tensor& x, const torch::Tensor& packed, const
   return out;
 }
 
-constexpr int kVersion = 5;  // as cpu_kernels.cpp: int4_kernel.KERNEL_VERSION must equal it
+constexpr int kVersion = 6;  // as cpu_kernels.cpp: int4_kernel.KERNEL_VERSION must equal it
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("VERSION") = kVersion;
