@@ -117,6 +117,7 @@ def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(tiny_mode
                               training_args_kwargs={"save_strategy": "steps", "save_steps": 2})
         resumed_step = int(Path(result["resumed_from"]).name.split("-")[1])
         assert resumed_step == max(checkpoints) >= 2  # the last complete checkpoint, not an earlier one
+        assert result["started_at_step"] == resumed_step  # this run trained steps after it only, none again
         assert result["steps"] == 24 and not result["cancelled"]
         steps = [s["step"] for s in json.loads((out / "training_log.json").read_text())["steps"]]
         assert steps == list(range(1, 25))  # one log across the kill: continued, nothing trained twice

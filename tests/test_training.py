@@ -220,6 +220,7 @@ def test_resume_continues_from_the_last_complete_checkpoint(tiny_model_dir, tmp_
     (broken / "adapter_model.safetensors").write_bytes(b"half")
     resumed, _ = run_training(tiny_model_dir, data, out, {"EPOCHS": 3}, resume=True)
     assert resumed["resumed_from"] == str(out / "checkpoint-3")
+    assert resumed["started_at_step"] == 3  # it trained steps 4-6 only
     assert any("incomplete checkpoint" in w for w in resumed["warnings"])
     assert resumed["steps"] == 6 and not resumed["cancelled"] and Path(resumed["adapter_dir"]).is_dir()
     steps = [s["step"] for s in json.loads((out / "training_log.json").read_text())["steps"]]

@@ -85,6 +85,7 @@ def train_adapter(model, tokenizer, *, data_file: Path, output_dir: Path, traini
         "tokens_per_s": round(monitor.tokens_per_s(state), 1),
         "seconds": round(monitor.seconds, 2),
         "resumed_from": checkpoint,
+        "started_at_step": monitor.start_step,  # this process's first step was the next one: nothing trained twice
         "params": {**params.to_dict(), "gradient_accumulation": plan.accumulation, "warmup_steps": plan.warmup_steps,
                    "seed": seed, **data_summary},
         "warnings": warnings,
