@@ -47,7 +47,7 @@ def section_args(section: str, a) -> list[str]:
         "quality": ["--new-tokens", str(min(a.new_tokens, 64))],
         "single": ["--new-tokens", str(a.new_tokens), "--repeat", str(a.repeat)],
         "threads": ["--new-tokens", "32" if quick else "64", "--calls", "2" if quick else "3",
-                    "--repeat", str(max(1, a.repeat - 2))],
+                    "--repeat", str(a.repeat)],  # the thread-robustness ratio is noisy: every round counts
         "overhead": ["--calls", str(a.overhead_calls)],
         "concurrency": ["--new-tokens", str(a.concurrent_tokens), "--calls", str(a.calls),
                         "--repeat", str(max(1, a.repeat - 1)), "--adapters", "8"],
