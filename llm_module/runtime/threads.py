@@ -14,10 +14,12 @@ main thread or a server worker that lives forever.
 That is not enough on its own: a caller's thread may have run torch work before calling us
 (another action, user code), or another library may keep a torch model in a thread of its own.
 Their idle teams count too, and we cannot end them (``release_openmp_team`` frees only the
-calling thread's). So where the model's matmuls run on llm_module's kernels, the forward passes
-leave OpenMP out: ``kernels_own_the_cores`` gives the serving thread one OpenMP (and MKL) thread,
-so torch's own ops run serially there, and the kernels split their matmuls over their own worker
-threads (csrc/worker_pool.h), which keep spinning between matmuls whatever other threads did.
+calling thread's). So where the model's matmuls run on llm_module's kernels, a lone row's
+decoding steps leave OpenMP out: ``kernels_own_the_cores`` gives the serving thread one OpenMP
+(and MKL) thread, so torch's own ops run serially there, and the kernels split their matmuls over
+their own worker threads (csrc/worker_pool.h), which keep spinning between matmuls whatever other
+threads did. Forwards of several rows take torch's OpenMP threads back for their duration
+(serving/runner.py): their attention and other torch ops need both cores (bench/findings.md).
 """
 
 from __future__ import annotations

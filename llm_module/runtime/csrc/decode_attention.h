@@ -44,7 +44,7 @@ inline __m512 exp16(__m512 x) {
 }
 
 struct Shape {
-  int64_t heads, kv_heads, groups, length, dim;
+  int64_t heads, groups, length, dim;
   int64_t q_row, k_row, k_head, k_pos, v_row, v_head, v_pos, m_row, m_pos;
   float scale;
 };
@@ -136,7 +136,7 @@ inline torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tenso
   TORCH_CHECK(dim % 16 == 0 && kv_heads > 0 && heads % kv_heads == 0,
               "decode_attention: dim must be a multiple of 16 and heads a multiple of kv_heads");
   const bool* mask_data = nullptr;
-  Shape s{heads, kv_heads, heads / kv_heads, length, dim, q.stride(0), k.stride(0), k.stride(1), k.stride(2),
+  Shape s{heads, heads / kv_heads, length, dim, q.stride(0), k.stride(0), k.stride(1), k.stride(2),
           v.stride(0), v.stride(1), v.stride(2), 0, 0, static_cast<float>(scale)};
   if (mask.has_value()) {
     const auto& m = *mask;

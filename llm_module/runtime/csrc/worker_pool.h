@@ -1,12 +1,12 @@
 // The kernels' own worker threads, used instead of torch's OpenMP (at::parallel_for) by a thread
-// that asked for them (set_own_workers): the serving thread, for batches of few rows.
+// that asked for them (set_own_workers): the serving thread, for a lone row's decoding steps.
 //
 // Why: libgomp stops spin-waiting between parallel regions once the process holds more OpenMP
 // threads than cores, which happens as soon as another thread has run torch work (the caller's
 // thread before it called us, another library's model thread). Every one of a decode step's
 // hundreds of short matmuls then waits for a futex wake-up, and generation ran at under half its
 // speed (bench/findings.md). These workers spin a short while after each job and then sleep,
-// whatever other threads do. The serving thread runs with one OpenMP thread of its own
+// whatever other threads do. The serving thread then runs with one OpenMP thread of its own
 // (runtime/threads.py), so no OpenMP team competes with these workers for the cores.
 //
 // One pool per library, used by one caller at a time: a second caller arriving while a job runs
