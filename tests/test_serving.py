@@ -5,6 +5,8 @@ On the tiny fp32 model, where a batched row must give exactly what it gives alon
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -248,3 +250,25 @@ def test_beam_search_keeps_its_own_path(engine, tiny_model_dir):
     expected = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert engine.generate("Hello", num_beams=3, adapter="base", **{**GREEDY, "max_new_tokens": 8})[0][
         "generated_text"] == expected
+
+
+def test_a_process_that_exits_while_rows_decode_exits_cleanly(tiny_model_dir, tmp_path):
+    """The serving thread is stopped at exit, not killed inside a torch op (which aborts with -6)."""
+    script = f"""
+from pathlib import Path
+from llm_module.engine import Engine
+from llm_module.engine.state import StateFile
+from llm_module.settings import Settings
+home = Path({str(tmp_path)!r})
+eng = Engine(Settings(home=home), state_file=StateFile(home / "state.json"))
+eng.setup({str(tiny_model_dir)!r})
+streams = [eng.stream(f"Still going {{i}}", do_sample=False, max_new_tokens=1000, min_new_tokens=1000)
+           for i in range(4)]
+for stream in streams:
+    next(stream)
+print("exiting mid-decode", flush=True)
+"""
+    for attempt in range(3):
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, (attempt, proc.returncode, proc.stderr[-2000:])
+        assert "exiting mid-decode" in proc.stdout

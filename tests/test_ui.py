@@ -231,7 +231,17 @@ def test_train_an_adapter_then_generate_and_evaluate_with_it(browser, ui_server,
                               "train-batch": "2", "train-cutoff": "64", "train-lora-r": "4",
                               "train-lora-alpha": "8"}.items():
         fill(browser, element_id, value)
-    by_id(browser, "start-training").click()
+    # On a slow link the cancelled run's state must be gone at once, not after the server answers.
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.emulateNetworkConditions", {
+        "offline": False, "latency": 1500, "downloadThroughput": -1, "uploadThroughput": -1})
+    try:
+        by_id(browser, "start-training").click()
+        assert by_id(browser, "job-state").get_attribute("data-state") != "cancelled"
+        assert by_id(browser, "job-title").text.startswith("ui-tuned"), by_id(browser, "job-title").text
+    finally:
+        browser.execute_cdp_cmd("Network.emulateNetworkConditions", {
+            "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
 
     steps_seen = set()
 

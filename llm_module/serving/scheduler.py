@@ -22,9 +22,11 @@ team goes with it) and the next request starts another.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -53,6 +55,18 @@ class _Call:
         self.fn, self.future, self.drain = fn, Future(), drain
 
 
+# Every live scheduler, stopped at interpreter exit. Why: a daemon thread still inside a torch op when
+# the interpreter finalizes is ended by pthread_exit in C++ code, which aborts the process
+# ("terminate called without an active exception", exit status -6) after the caller had its answer.
+_live: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    for scheduler in list(_live):
+        scheduler.stop()
+
+
 class Scheduler:
     def __init__(self, build_runner: Callable[[], ModelRunner], versions: Callable[[], Versions], *,
                  max_rows: int = 16, max_queued: int = 256, prefill_chunk: int = 256,
@@ -77,6 +91,7 @@ class Scheduler:
         self._stopped = False
         self.stats = {"steps": 0, "decode_steps": 0, "prefill_steps": 0, "largest_batch": 0,
                       "workers_started": 0, "rows_admitted": 0, "refused": 0}
+        _live.add(self)
 
     # ================================================================== callers' side
     def submit(self, handle: RequestHandle, rows: list[Row]) -> RequestHandle:
@@ -147,7 +162,8 @@ class Scheduler:
         while True:
             with self._cond:
                 if not self._has_work():
-                    self._cond.wait(self.idle_exit_s)
+                    if not self._stopped:  # a stop during the last steps is not waited past
+                        self._cond.wait(self.idle_exit_s)
                     if not self._has_work() or self._stopped:
                         self._thread = None
                         if self._runner is not None:

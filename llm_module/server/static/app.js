@@ -508,12 +508,17 @@ async function startTraining(event) {
   };
   if ($("train-max-steps").value !== "") body.training_args_kwargs = { max_steps: Number($("train-max-steps").value) };
   $("start-training").disabled = true;
+  // The job watched before (a finished or cancelled one) must not read as this run's state.
+  clearTimeout(state.jobTimer);
+  state.watchedJob = null;
+  clearJobPanel(`${name} · starting`, "Starting…");
   try {
     const job = await apiJson("v1/jobs/train", { method: "POST", json: body });
     watchJob(job.job_id);
     await refreshJobs();
   } catch (error) {
     showError("train-error", error);
+    clearJobPanel(name, "Not started: see the error above.");
   } finally {
     $("start-training").disabled = false;
   }
@@ -523,8 +528,13 @@ function watchJob(jobId) {
   clearTimeout(state.jobTimer);
   state.watchedJob = jobId;
   // Nothing of the job watched before may linger until the first answer about this one.
-  $("job-title").textContent = `job ${jobId}`;
-  $("job-state").textContent = "Asking the server…";
+  clearJobPanel(`job ${jobId}`, "Asking the server…");
+  pollJob(jobId);
+}
+
+function clearJobPanel(title, stateText) {
+  $("job-title").textContent = title;
+  $("job-state").textContent = stateText;
   $("job-state").dataset.state = "";
   $("job-progress").value = 0;
   for (const id of ["job-step", "job-eta", "job-tps", "job-loss"]) $(id).textContent = "–";
@@ -532,7 +542,6 @@ function watchJob(jobId) {
   $("try-adapter").hidden = true;
   $("cancel-job").disabled = true;
   drawLossChart($("loss-chart"), []);
-  pollJob(jobId);
 }
 
 async function pollJob(jobId) {
