@@ -82,6 +82,29 @@ def test_rows_gathered_from_scattered_slots_and_moved_rows_keep_their_adapter(tu
     torch.testing.assert_close(moved, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_tables_grow_with_the_highest_slot_in_use_and_are_freed_when_idle(tuned):
+    """The per-slot tables cost a copy of an adapter per slot: only the slots in use get one."""
+    rows = _rows(tuned, 16, {0: "wide", 1: "narrow"})
+    sizes = lambda: sum(t.numel() for layer in rows.layers for t in (layer.a, layer.b) if t is not None)  # noqa: E731
+    with torch.inference_mode():
+        expected = torch.cat([_alone(tuned, name, IDS[i:i + 1]) for i, name in enumerate(["wide", "narrow", BASE])])
+        rows.select(slice(0, 2))
+        small = sizes()
+        assert rows.layers[0].a.shape[0] == 2 and small > 0
+        rows.assign(5, BASE)  # a row placed in a slot past the tables, then a mixed range reaching it
+        rows.select(torch.tensor([0, 1, 5]))
+        with rows.installed():
+            grown = tuned.get_base_model()(IDS).logits
+        assert rows.layers[0].a.shape[0] == 6 and sizes() == 3 * small
+        rows.release_tables()
+        assert sizes() == 0
+        rows.select(torch.tensor([0, 1, 5]))  # made again, with every slot's adapter
+        with rows.installed():
+            again = tuned.get_base_model()(IDS).logits
+    torch.testing.assert_close(grown, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_layers_are_restored_after_the_block(tuned):
     tuned.set_adapter("wide")
     with torch.inference_mode():

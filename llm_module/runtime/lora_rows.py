@@ -8,7 +8,9 @@ row's A as ``[slots, in, r]`` and B (already scaled) as ``[slots, r, out]`` (zer
 base-model row and for the ranks a smaller adapter lacks), filled when a row takes its slot. A
 forward over a range of slots then costs two batched matmuls per layer whatever the mix; when every
 row of the range uses one adapter it uses that adapter's own two matrices, and when none uses one
-it adds nothing.
+it adds nothing. The tables hold a copy of an adapter per slot (an r=16 adapter on every linear of
+the default model: ~20 MB, so ~300 MB for 16 slots): they grow with the highest slot in use and
+are freed when the serving core goes idle (``release_tables``).
 
 ``LoraRows.installed()`` is the one place the LoRA layers' forward is replaced (the base layer
 plus that product), and it puts peft's own forward back on exit; peft still owns loading, naming
@@ -68,8 +70,21 @@ class _Layer:
         self.a: torch.Tensor | None = None  # [slots, in, rank]
         self.b: torch.Tensor | None = None  # [slots, rank, out]
 
+    def grow(self, slots: int) -> None:
+        """Tables for ``slots`` slots (the first ones keep their contents)."""
+        if not self.pairs:  # a LoRA layer none of the loaded adapters uses (peft keeps it after an unload)
+            return
+        rank = max(a.shape[1] for a, _ in self.pairs.values())
+        a_any, b_any = next(iter(self.pairs.values()))
+        a = a_any.new_zeros(slots, a_any.shape[0], rank)
+        b = b_any.new_zeros(slots, rank, b_any.shape[1])
+        if self.a is not None:
+            a[: len(self.a)] = self.a
+            b[: len(self.b)] = self.b
+        self.a, self.b = a, b
+
     def fill(self, slot: int, adapter: str | None) -> None:
-        if self.a is None:  # a LoRA layer none of the loaded adapters uses (peft keeps it after an unload)
+        if self.a is None:
             return
         self.a[slot].zero_()
         self.b[slot].zero_()
@@ -87,7 +102,7 @@ class LoraRows:
         self.slots = slots
         self.layers = [_Layer(m) for m in lora_layers(model)]
         self.slot_adapter: list[str | None] = [None] * slots
-        self._tables = False  # per-slot tables are made on the first mixed range
+        self._capacity = 0  # slots the tables hold: made on the first mixed range, grown by need
         self._slots: slice | torch.Tensor = slice(0, 0)
         self._uniform: str | None = None
         self._mixed = False
@@ -95,7 +110,7 @@ class LoraRows:
     # ------------------------------------------------------------------ slots
     def assign(self, slot: int, adapter: str | None) -> None:
         self.slot_adapter[slot] = adapter
-        if self._tables:
+        if slot < self._capacity:
             for layer in self.layers:
                 layer.fill(slot, adapter)
 
@@ -114,21 +129,23 @@ class LoraRows:
         self._slots = slots
         self._mixed = len(names) > 1
         self._uniform = next(iter(names)) if len(names) == 1 else None
-        if self._mixed and not self._tables:
-            self._make_tables()
+        if self._mixed and max(indices) >= self._capacity:
+            self._grow_tables(max(indices) + 1)
 
-    def _make_tables(self) -> None:
+    def _grow_tables(self, needed: int) -> None:
+        capacity = min(self.slots, max(needed, 2 * self._capacity))
         for layer in self.layers:
-            if not layer.pairs:
-                continue
-            rank = max(a.shape[1] for a, _ in layer.pairs.values())
-            a_any, b_any = next(iter(layer.pairs.values()))
-            layer.a = a_any.new_zeros(self.slots, a_any.shape[0], rank)
-            layer.b = b_any.new_zeros(self.slots, rank, b_any.shape[1])
-            for slot, adapter in enumerate(self.slot_adapter):
-                if adapter:
-                    layer.fill(slot, adapter)
-        self._tables = True
+            layer.grow(capacity)
+            for slot in range(self._capacity, capacity):
+                if self.slot_adapter[slot]:
+                    layer.fill(slot, self.slot_adapter[slot])
+        self._capacity = capacity
+
+    def release_tables(self) -> None:
+        """Free the per-slot tables (the serving core went idle; the next mixed range makes them again)."""
+        for layer in self.layers:
+            layer.a = layer.b = None
+        self._capacity = 0
 
     # ------------------------------------------------------------------ the forward
     @contextlib.contextmanager

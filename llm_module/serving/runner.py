@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..runtime.lora_rows import LoraRows, can_stack
+from ..runtime.memory import trim_heap
 from ..runtime.quantize import runs_on_own_kernels
 from ..runtime.threads import kernels_own_the_cores
 from .kv_cache import SlotCache
@@ -103,8 +104,11 @@ class ModelRunner:
             self.prefixes.clear()
 
     def release(self) -> None:
-        """Free the cache's memory (the scheduler went idle)."""
+        """Free the cache's and the per-row adapter tables' memory (the scheduler went idle)."""
         self.cache = SlotCache(self.slots, self.context)
+        if self.lora is not None:
+            self.lora.release_tables()
+        trim_heap()
 
     # ------------------------------------------------------------------ forward
     @torch.inference_mode()
