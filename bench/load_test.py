@@ -6,12 +6,18 @@ The verdict is PASS only if every rule holds, each printed with its figure:
   connection, a timeout, a malformed answer), not just a few kinds;
 * mixed-up answers = 0: a greedy answer that equals another adapter's reference answer for the
   prompt (and not its own) was answered by the wrong adapter. Answers that differ from every
-  reference are reported as "drifted" (batch-numerics changing a near-tie token), not as failures;
+  reference are "drifted" (batch numerics changing a near-tie token: 5-19 % of answers measured);
+* drifted answers <= --max-drift-pct (default 30 %): a wrong adapter for some rows mostly gives
+  neither its own nor another's answer (its prompt's cached keys are its own adapter's), so it
+  shows here: with odd slots given the wrong adapter on purpose, 31 of 66 answers (47 %) drifted
+  and none read as mixed up;
 * the training job finished: its state is "done" within --job-timeout s after the last request
   (failed, cancelled or still running is a FAIL);
-* memory: resident memory at the end, after the last request AND after the training job ended,
-  is at most --max-growth-pct (default 10 %) above the resident memory after the warm-up
-  requests (the first 100, or a fifth of a shorter run). The peak is reported too.
+* the trained adapter serves: once the job is done, a burst of requests (two per client, at once)
+  mixes it with the base model and the other adapters; each of them counts as a request above;
+* memory: resident memory at the end, after the last request AND after the training job ended
+  and its adapter served, is at most --max-growth-pct (default 10 %) above the resident memory
+  after the warm-up requests (the first 100, or a fifth of a shorter run). The peak is reported too.
 
     .venv/bin/python bench/load_test.py                      # 2000 requests, 8 clients
     .venv/bin/python bench/load_test.py --requests 300       # a quick look
@@ -52,7 +58,7 @@ def generate(session, url: str, prompt: str, adapter: str, max_new_tokens: int) 
 
 def run_load(*, requests_count: int = 2000, clients: int = 8, adapters: int = 3, max_new_tokens: int = 8,
              train_at: int = 300, train_records: int = 120, job_timeout: float = 1800,
-             max_growth_pct: float = 10.0) -> dict:
+             max_growth_pct: float = 10.0, max_drift_pct: float = 30.0) -> dict:
     root = Path(tempfile.mkdtemp(prefix="llm-load-"))
     paths = run_in_fresh_thread(make_adapters, root / "adapters", adapters, strength=ADAPTER_STRENGTH, seed=100,
                                 targets=("q_proj", "v_proj"))
@@ -125,15 +131,41 @@ def run_load(*, requests_count: int = 2000, clients: int = 8, adapters: int = 3,
                 if job_state.get("state") not in ACTIVE_JOB_STATES or time.monotonic() > deadline:
                     break
                 time.sleep(2)
+        trained = (job_state.get("result") or {}).get("adapter") or (job_state.get("params") or {}).get("adapter_name")
+        if job_state.get("state") == "done" and trained:
+            size = 2 * clients  # rows enough that per-row state kept after it would show in the memory rule
+            burst = [(PROMPTS[i % len(PROMPTS)], [trained, *choices][i % (len(choices) + 1)]) for i in range(size)]
+            answers: dict = {}
+
+            def ask(i: int) -> None:
+                prompt, adapter = burst[i]
+                start = time.perf_counter()
+                try:
+                    answers[i] = (time.perf_counter() - start, prompt, adapter,
+                                  generate(requests.Session(), server.url, prompt, adapter, max_new_tokens), None)
+                except Exception as exc:  # every exception is a failure
+                    answers[i] = (time.perf_counter() - start, prompt, adapter, None, f"{type(exc).__name__}: {exc}")
+
+            askers = [threading.Thread(target=ask, args=(i,)) for i in range(size)]
+            for t in askers:
+                t.start()
+            for t in askers:
+                t.join()
+            after_job = [answers[i] for i in range(size)]
+            results.extend(r for r in after_job if r[2] != trained)  # judged against their references
+            failures_after_job = [r for r in after_job if r[4] is not None]
+        else:
+            after_job, failures_after_job = [], []
         time.sleep(1.5)  # the serving thread goes idle and frees its cache, as after any burst
         rss_end = proc.memory_info().rss
 
         latencies = [r[0] for r in results if r[4] is None]
-        failures = [r for r in results if r[4] is not None]
+        failures = [r for r in results if r[4] is not None] + [r for r in failures_after_job if r[2] == trained]
         answered = [r for r in results if r[4] is None]
         own = sum(1 for _, p, a, text, _ in answered if text == reference[(p, a)])
         mixed = sum(1 for _, p, a, text, _ in answered if text != reference[(p, a)]
                     and any(text == reference[(p, o)] != reference[(p, a)] for o in choices if o != a))
+        drifted = len(answered) - own - mixed
         growth = (rss_end - rss_warm[0]) / rss_warm[0] * 100 if rss_warm else float("nan")
         state = job_state.get("state") if job.get("job_id") else None
         rules = {
@@ -143,6 +175,11 @@ def run_load(*, requests_count: int = 2000, clients: int = 8, adapters: int = 3,
                                           f"state {state!r}" + (f", error {job_state.get('error')!r}"
                                                                 if job_state.get("error") else "")
                                           + (f", start error {job['start_error']!r}" if "start_error" in job else "")),
+            f"drifted answers <= {max_drift_pct:g} %": (
+                drifted <= max_drift_pct / 100 * len(answered), f"{drifted} of {len(answered)}"),
+            "the trained adapter answered in a mixed burst": (
+                bool(after_job) and not failures_after_job, f"{len(after_job) - len(failures_after_job)} of "
+                                                            f"{len(after_job)} answered, adapter {trained!r}"),
             f"RSS at the end (job ended) <= {max_growth_pct:g} % over after warm-up":
                 (growth <= max_growth_pct, f"{growth:+.1f} %"),
         }
@@ -150,7 +187,7 @@ def run_load(*, requests_count: int = 2000, clients: int = 8, adapters: int = 3,
             "requests": len(results), "clients": clients, "train_at": train_at, "adapters": choices,
             "distinct_references": distinct,
             "failed_requests": len(failures), "mixed_up": mixed, "own_reference_match": f"{own}/{len(answered)}",
-            "drifted": len(answered) - own - mixed,
+            "drifted": drifted,
             "p50_ms": round(statistics.median(latencies) * 1000, 1) if latencies else None,
             "p99_ms": round(percentile(latencies, 99) * 1000, 1) if latencies else None,
             "requests_per_s": round(len(results) / wall, 2), "wall_s": round(wall, 1),
@@ -182,12 +219,13 @@ def main() -> None:
     parser.add_argument("--job-timeout", type=float, default=1800,
                         help="seconds to wait for the job after the last request")
     parser.add_argument("--max-growth-pct", type=float, default=10.0)
+    parser.add_argument("--max-drift-pct", type=float, default=30.0)
     args = parser.parse_args()
     log(f"load test starting (load average {os.getloadavg()[0]:.1f})")
     figures = run_load(requests_count=args.requests, clients=args.clients, adapters=args.adapters,
                        max_new_tokens=args.max_new_tokens, train_at=min(args.train_at, args.requests - 1),
                        train_records=args.train_records, job_timeout=args.job_timeout,
-                       max_growth_pct=args.max_growth_pct)
+                       max_growth_pct=args.max_growth_pct, max_drift_pct=args.max_drift_pct)
     print(json.dumps(figures, indent=2), file=sys.stderr)
     for name, rule in figures["rules"].items():
         print(f"{'PASS' if rule['pass'] else 'FAIL'}  {name}: {rule['figure']}", file=sys.stderr)
