@@ -88,18 +88,22 @@ def test_a_setup_answers_from_the_old_model_while_it_loads_then_swaps_and_refuse
 
     setup = threading.Thread(target=lambda: engine.setup(str(other)))
     setup.start()
-    assert loading.wait(60)
     worker = threading.Thread(target=keep_generating)
-    worker.start()
-    with pytest.raises(Conflict, match="Another setup is running"):
-        engine.setup(str(other))
-    while len(results) < 3 and not errors:
-        time.sleep(0.01)
-    during = list(results)
-    release.set()
-    setup.join(120)
-    stop.set()
-    worker.join(60)
+    try:  # a failed assertion must not leave the threads running (pytest would hang at exit)
+        assert loading.wait(60)
+        worker.start()
+        with pytest.raises(Conflict, match="Another setup is running"):
+            engine.setup(str(other))
+        deadline = time.monotonic() + 120
+        while len(results) < 3 and not errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        during = list(results)
+    finally:
+        release.set()
+        setup.join(120)
+        stop.set()
+        if worker.is_alive():
+            worker.join(60)
     new = engine.generate("The weather", **GREEDY)
     assert not errors, errors[:1]
     assert during and all(r == old for r in during), "an answer during the load came from another model"
