@@ -103,21 +103,31 @@ void int4_block(const int8_t* q, int64_t K, const float* d, const float* sums, c
   for (int m = 0; m < ROWS; ++m) _mm512_storeu_ps(out + m * N + nb * kCols, acc[m]);
 }
 
-template <int ROWS, int PARTS>
-void int4_pass(const int8_t* q, int64_t K, const float* d, const float* sums, const uint8_t* packed,
-               const uint16_t* scales, const uint16_t* mins, int64_t G, float* out, int64_t N) {
+using Int4Block = void (*)(const int8_t*, int64_t, const float*, const float*, const uint8_t*, const uint16_t*,
+                           const uint16_t*, int64_t, float*, int64_t, int64_t);
+constexpr Int4Block kInt4Blocks[2][kMaxRows] = {
+    {int4_block<1, 1>, int4_block<2, 1>, int4_block<3, 1>, int4_block<4, 1>, int4_block<5, 1>, int4_block<6, 1>,
+     int4_block<7, 1>, int4_block<8, 1>},
+    {int4_block<1, 2>, int4_block<2, 2>, int4_block<3, 2>, int4_block<4, 2>, int4_block<5, 2>, int4_block<6, 2>,
+     int4_block<7, 2>, int4_block<8, 2>}};
+
+// Each thread takes a run of column blocks and computes every row for a block before the next, so
+// the block's weights (G * 256 bytes: 4.5 KiB for 576 inputs, 12 KiB for 1,536) come from memory
+// once per call and stay in L1 for the rows past the first 8 (a pass over all blocks per 8 rows
+// read the whole matrix again for each 8 rows of a prompt: bench/findings.md).
+void int4_rows(const int8_t* q, int64_t M, int64_t K, int parts, const float* d, const float* sums,
+               const uint8_t* packed, const uint16_t* scales, const uint16_t* mins, int64_t G, float* out,
+               int64_t N) {
   worker_pool::parallel_for(0, N / kCols, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) int4_block<ROWS, PARTS>(q, K, d, sums, packed, scales, mins, G, out, N, nb);
+    for (int64_t nb = begin; nb < end; ++nb) {
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+        const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
+        kInt4Blocks[parts - 1][rows - 1](q + m0 * parts * K, K, d + m0 * G, sums + m0 * G, packed, scales, mins,
+                                         G, out + m0 * N, N, nb);
+      }
+    }
   });
 }
-
-using Int4Pass = void (*)(const int8_t*, int64_t, const float*, const float*, const uint8_t*, const uint16_t*,
-                          const uint16_t*, int64_t, float*, int64_t);
-constexpr Int4Pass kInt4Passes[2][kMaxRows] = {
-    {int4_pass<1, 1>, int4_pass<2, 1>, int4_pass<3, 1>, int4_pass<4, 1>, int4_pass<5, 1>, int4_pass<6, 1>,
-     int4_pass<7, 1>, int4_pass<8, 1>},
-    {int4_pass<1, 2>, int4_pass<2, 2>, int4_pass<3, 2>, int4_pass<4, 2>, int4_pass<5, 2>, int4_pass<6, 2>,
-     int4_pass<7, 2>, int4_pass<8, 2>}};
 
 // ROWS rows of one block of 16 int8-weight columns. offsets[m, g] = 128 * sum of the group's codes
 // (both parts combined as in the dot product).
@@ -257,13 +267,9 @@ torch::Tensor int4_mm(const torch::Tensor& x, const torch::Tensor& packed, const
   float* d = steps.data_ptr<float>();
   float* sums = d + M * G;
   quantize_rows(x.data_ptr<float>(), M, K, static_cast<int>(parts), q.data_ptr<int8_t>(), d, sums, nullptr);
-  for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
-    kInt4Passes[parts - 1][rows - 1](q.data_ptr<int8_t>() + m0 * parts * K, K, d + m0 * G, sums + m0 * G,
-                                     packed.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
-                                     reinterpret_cast<const uint16_t*>(mins.data_ptr()), G,
-                                     out.data_ptr<float>() + m0 * N, N);
-  }
+  int4_rows(q.data_ptr<int8_t>(), M, K, static_cast<int>(parts), d, sums, packed.data_ptr<uint8_t>(),
+            reinterpret_cast<const uint16_t*>(scales.data_ptr()), reinterpret_cast<const uint16_t*>(mins.data_ptr()),
+            G, out.data_ptr<float>(), N);
   return out;
 }
 
