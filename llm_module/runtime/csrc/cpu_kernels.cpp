@@ -112,20 +112,24 @@ constexpr Int4Block kInt4Blocks[2][kMaxRows] = {
      int4_block<7, 2>, int4_block<8, 2>}};
 
 // Each thread takes a run of column blocks and computes every row for a block before the next, so
-// the block's weights (G * 256 bytes: 4.5 KiB for 576 inputs, 12 KiB for 1,536) come from memory
+// the block's weights (int4: G * 256 bytes, 4.5 KiB for 576 inputs; int8: G * 512) come from memory
 // once per call and stay in L1 for the rows past the first 8 (a pass over all blocks per 8 rows
 // read the whole matrix again for each 8 rows of a prompt: bench/findings.md).
+// block(nb, m0, rows) computes rows [m0, m0 + rows) of column block nb.
+template <typename Block>
+void each_column_block_all_rows(int64_t M, int64_t NB, const Block& block) {
+  worker_pool::parallel_for(0, NB, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; ++nb)
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) block(nb, m0, std::min<int64_t>(kMaxRows, M - m0));
+  });
+}
+
 void int4_rows(const int8_t* q, int64_t M, int64_t K, int parts, const float* d, const float* sums,
                const uint8_t* packed, const uint16_t* scales, const uint16_t* mins, int64_t G, float* out,
                int64_t N) {
-  worker_pool::parallel_for(0, N / kCols, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-        const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
-        kInt4Blocks[parts - 1][rows - 1](q + m0 * parts * K, K, d + m0 * G, sums + m0 * G, packed, scales, mins,
-                                         G, out + m0 * N, N, nb);
-      }
-    }
+  each_column_block_all_rows(M, N / kCols, [&](int64_t nb, int64_t m0, int64_t rows) {
+    kInt4Blocks[parts - 1][rows - 1](q + m0 * parts * K, K, d + m0 * G, sums + m0 * G, packed, scales, mins, G,
+                                     out + m0 * N, N, nb);
   });
 }
 
@@ -180,21 +184,12 @@ constexpr Int8Block kInt8Blocks[2][kMaxRows] = {
     {int8_block<1, 2>, int8_block<2, 2>, int8_block<3, 2>, int8_block<4, 2>, int8_block<5, 2>, int8_block<6, 2>,
      int8_block<7, 2>, int8_block<8, 2>}};
 
-// Each thread takes a run of column blocks, and each block's weights (G * 512 bytes: 9 KiB for a
-// 576-input head) are read from memory once for all rows: past 8 rows, the next 8 find them in L1.
 void int8_rows(const int8_t* q, int64_t M, int64_t K, int parts, const float* d, const int32_t* offsets,
                const uint8_t* packed, const uint16_t* scales, int64_t G, float* out, int64_t N) {
-  const int64_t NB = (N + kCols - 1) / kCols;
-  worker_pool::parallel_for(0, NB, [&](int64_t begin, int64_t end) {
-    for (int64_t nb = begin; nb < end; ++nb) {
-      const int64_t columns = std::min<int64_t>(kCols, N - nb * kCols);
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-        const int64_t rows = std::min<int64_t>(kMaxRows, M - m0);
-        kInt8Blocks[parts - 1][rows - 1](q + m0 * parts * K, K, d + m0 * G, offsets + m0 * G,
-                                         packed + nb * G * kInt8GroupBytes, scales + nb * G * kCols, G,
-                                         out + m0 * N + nb * kCols, N, columns);
-      }
-    }
+  each_column_block_all_rows(M, (N + kCols - 1) / kCols, [&](int64_t nb, int64_t m0, int64_t rows) {
+    kInt8Blocks[parts - 1][rows - 1](q + m0 * parts * K, K, d + m0 * G, offsets + m0 * G,
+                                     packed + nb * G * kInt8GroupBytes, scales + nb * G * kCols, G,
+                                     out + m0 * N + nb * kCols, N, std::min<int64_t>(kCols, N - nb * kCols));
   });
 }
 
