@@ -85,6 +85,14 @@ def run_load(*, requests_count: int = 2000, clients: int = 8, adapters: int = 3,
         rss_peak = [0]
         job: dict = {}
 
+        def timed_generate(sess, prompt: str, adapter: str) -> tuple[float, str, str, str | None, str | None]:
+            start = time.perf_counter()
+            try:
+                text, error = generate(sess, server.url, prompt, adapter, max_new_tokens), None
+            except Exception as exc:  # every exception is a failure
+                text, error = None, f"{type(exc).__name__}: {exc}"
+            return time.perf_counter() - start, prompt, adapter, text, error
+
         def client() -> None:
             sess = requests.Session()
             while True:
@@ -100,14 +108,9 @@ def run_load(*, requests_count: int = 2000, clients: int = 8, adapters: int = 3,
                         job.update(res.json() if res.status_code < 400 else {"start_error": res.text[:500]})
                     except Exception as exc:  # the job's absence fails the verdict below
                         job["start_error"] = f"{type(exc).__name__}: {exc}"
-                prompt, adapter = work[i]
-                start = time.perf_counter()
-                try:
-                    text, error = generate(sess, server.url, prompt, adapter, max_new_tokens), None
-                except Exception as exc:  # every exception is a failure
-                    text, error = None, f"{type(exc).__name__}: {exc}"
+                outcome = timed_generate(sess, *work[i])
                 with lock:
-                    results.append((time.perf_counter() - start, prompt, adapter, text, error))
+                    results.append(outcome)
                     rss = proc.memory_info().rss
                     rss_peak[0] = max(rss_peak[0], rss)
                     if len(results) == warmup:
@@ -138,13 +141,7 @@ def run_load(*, requests_count: int = 2000, clients: int = 8, adapters: int = 3,
             answers: dict = {}
 
             def ask(i: int) -> None:
-                prompt, adapter = burst[i]
-                start = time.perf_counter()
-                try:
-                    answers[i] = (time.perf_counter() - start, prompt, adapter,
-                                  generate(requests.Session(), server.url, prompt, adapter, max_new_tokens), None)
-                except Exception as exc:  # every exception is a failure
-                    answers[i] = (time.perf_counter() - start, prompt, adapter, None, f"{type(exc).__name__}: {exc}")
+                answers[i] = timed_generate(requests.Session(), *burst[i])
 
             askers = [threading.Thread(target=ask, args=(i,)) for i in range(size)]
             for t in askers:
