@@ -26,7 +26,7 @@ from typing import Any
 from ..adapter_files import check_name, find_adapter_dir, name_for
 from ..errors import Conflict, InvalidInput, LLMError, ModelLoadError
 from ..paths import resolve_user_path
-from ..runtime.memory import keep_large_blocks_returnable
+from ..runtime.memory import set_heap_policy
 from ..runtime.threads import release_openmp_team, run_in_fresh_thread
 from ..serving import ServingCore
 from ..serving.constraints import StructuredOutput
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 class Engine:
     def __init__(self, settings: Settings | None = None, *, state_file: StateFile | None = None) -> None:
         self.settings = settings or Settings()
-        keep_large_blocks_returnable()  # a long-lived engine's memory returns to its size after a job
+        set_heap_policy()  # a forward's activations reuse heap pages instead of faulting in new ones
         self.state_file = state_file or StateFile(self.settings.home / "state.json")
         self.host = ModelHost(self.settings)
         self.adapters = AdapterRegistry(allow_pickle=self.settings.allow_pickle_adapters)

@@ -1,4 +1,5 @@
-"""Giving memory back to the OS after large temporary work (a training job's model copy, an export)."""
+"""Process memory: how glibc's heap serves a forward's activations, and giving memory back to the OS
+after large temporary work (a training job's model copy, an export) or when serving goes idle."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import ctypes
 import gc
 import os
 
-# Blocks of this size or more are mapped on their own, so freeing one gives its pages back at once.
-MMAP_THRESHOLD_BYTES = 1 << 20
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+MMAP_THRESHOLD_BYTES = 32 << 20  # blocks this size or more are mapped on their own (glibc's own ceiling)
+TRIM_THRESHOLD_BYTES = 64 << 20  # free memory the heap keeps at its top between forwards
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 
 
 def release_memory() -> None:
@@ -26,17 +27,23 @@ def trim_heap() -> None:
         pass
 
 
-def keep_large_blocks_returnable() -> None:
-    """Fix glibc's mmap threshold at 1 MiB for this process (unless the user set MALLOC_MMAP_THRESHOLD_).
+def set_heap_policy() -> None:
+    """Fix glibc's heap thresholds for this process (unless the user set MALLOC_MMAP_THRESHOLD_ or
+    MALLOC_TRIM_THRESHOLD_): blocks under 32 MiB come from the heap, and the heap keeps up to 64 MiB
+    free at its top; the serving core hands it back when it goes idle (:func:`trim_heap`).
 
-    Why: glibc raises the threshold to the size of each mapped block freed (up to 32 MiB), so once a
-    training job's model copy is freed, the server's later tensors of up to 32 MiB come from the heap,
-    where the freed pages around them are not given back: 800 requests around an 8-record job left
-    +12.0 % resident memory, +4.8 % with the threshold fixed (bench/findings.md).
+    Why: a forward allocates and frees each layer's activations. Where glibc maps such a block on
+    its own, or trims the heap top after it is freed, the next one page-faults all of its pages
+    again: a prefill of 8 prompts of 17 tokens took 27,000 page faults and ~25 % of its time, one
+    of 8 x 100 tokens half of it (bench/findings.md). Fixed rather than glibc's moving thresholds,
+    so a server behaves the same before and after a training job frees its model copy; memory
+    after a job still returns to its serving size, by the trim at idle.
     """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
         return
     try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     except (OSError, AttributeError):  # not glibc
         pass
