@@ -6,13 +6,14 @@
 
 Sections (bench/run.py runs each in its own process):
 
-streams   Three servers, up together, load sent to one at a time, in turn each repeat:
+streams   Three servers, up together, load sent to one at a time, in turn each repeat (a lone
+          stream, then the 8 streams, each after a 0.5 s pause, on one server before the next):
           `llm-module serve` (the serving core), the same with `--max-batch 1` (the fair
           one-at-a-time baseline: one model thread, one request at a time) and llama.cpp's native
           `llama-server -np 8 -c 8192 --cont-batching -t 2` on the same GGUF.
           * one stream and 8 concurrent streams of --new-tokens greedy tokens each (same rendered
             chat prompts, same token counts: ours min_new_tokens, llama.cpp ignore_eos): aggregate
-            tokens/s, and each client's time to its first text piece;
+            tokens/s, and each client's time to its first text piece (the first SSE event with text);
           * a short request (8 tokens) sent while a --long-tokens stream decodes, against the same
             short request alone;
           * 8 callers with 8 different sampling settings at once, against one caller sending the
@@ -67,6 +68,7 @@ from llm_module.runtime.threads import run_in_fresh_thread  # noqa: E402
 
 WORKDIR = Path(tempfile.mkdtemp(prefix="bench-serving-"))
 OURS, ONE_AT_A_TIME, LLAMA = "ours", "ours --max-batch 1", "llama-server"
+SETTLE_S = 0.5  # pause before each timed stream measurement (under the serving thread's 1 s idle exit)
 
 # Eight callers, eight different sampling settings (each seeded where it samples).
 SAMPLING_SETTINGS = [
@@ -113,6 +115,13 @@ class Targets:
             return "/completion", {"prompt": self.prompts[0], "n_predict": new_tokens, "ignore_eos": True,
                                    "stream": True, "temperature": 0, "top_k": 1}
         return "/v1/generate/stream", {"prompt": PROMPTS[0], "chat": True, **greedy(new_tokens)}
+
+
+def settle() -> None:
+    """Let the last measurement's threads go quiet before the next one starts (llama.cpp's threads
+    poll for a while after a request; ours keep the serving thread for 1 s): each first piece is then
+    timed from the same state, a server whose threads are up and idle, with nobody else computing."""
+    time.sleep(SETTLE_S)
 
 
 def one_stream(targets: Targets, kind: str, new_tokens: int) -> tuple[float, float]:
@@ -199,11 +208,12 @@ def streams(args) -> dict:
             many_streams(targets, kind, count, 8)
         sampling_mix(servers[OURS].url, 4)
         for round_index in range(args.repeat):
-            for kind in servers:
+            for kind in servers:  # a lone stream, then the burst, on one server: both from the same state
+                settle()
                 rate, first = one_stream(targets, kind, n)
                 one[kind]["rate"].append(rate)
                 one[kind]["first"].append(first)
-            for kind in servers:
+                settle()
                 rate, firsts = many_streams(targets, kind, count, n)
                 many[kind]["rate"].append(rate)
                 many[kind]["worst_first"].append(max(firsts))

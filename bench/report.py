@@ -340,14 +340,15 @@ def render_streams(r: dict, summary: Summary) -> list[str]:
         return lines
     one, many = r["one_stream"], r["many_streams"]
     n = r["streams"]
-    lines += ["Servers, up together, load sent to one at a time, in turn each repeat:", ""]
+    lines += ["Servers, up together, load sent to one at a time, in turn each repeat (on one server a lone stream, "
+              "then the 8 streams, each after a 0.5 s pause):", ""]
     lines += [f"- **{kind}**: {text}" for kind, text in r["servers"].items()]
     if r.get("llama_note"):
         lines.append(f"- llama-server: {r['llama_note']}")
     best_one = max(v["tokens_per_s"]["median"] for k, v in one.items() if k != "llama-server")
     lines += ["", f"Same rendered chat prompts, same token counts (ours min_new_tokens, llama.cpp ignore_eos). "
               f"Ratios vs the best one-stream figure of our two servers ({best_one:.1f} tokens/s). A first piece is "
-              "the first SSE event with text: ours at a word boundary, llama-server's per token.", "",
+              "the first SSE event with text (both servers send a token's text as soon as it is complete).", "",
               f"| server | 1 stream, tokens/s | first piece, ms | {n} streams, aggregate tokens/s | × best one stream "
               f"| worst first piece of {n}, ms | median first piece, ms |", "|---|---|---|---|---|---|---|"]
     for kind in one:

@@ -272,3 +272,20 @@ print("exiting mid-decode", flush=True)
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0, (attempt, proc.returncode, proc.stderr[-2000:])
         assert "exiting mid-decode" in proc.stdout
+
+
+def test_rows_that_arrive_during_a_prefill_are_prefilled_before_the_running_rows_next_token():
+    """The step order for bursts (scheduler._newcomers_first): the decoding rows wait one step for
+    newcomers' prefill, never two in a row, and never when the batch has no room for them."""
+    from llm_module.serving.scheduler import Scheduler, Versions
+
+    scheduler = Scheduler(build_runner=lambda: None, versions=lambda: Versions(0, 0, frozenset()), max_rows=4)
+    scheduler._decoding = ["running"]
+    assert not scheduler._newcomers_first()  # nobody waiting: decode as usual
+    scheduler._waiting.extend(["arrived during the prefill"])
+    assert scheduler._newcomers_first()  # they go first ...
+    assert not scheduler._newcomers_first()  # ... once: the next step decodes whatever waits
+    assert scheduler._newcomers_first()
+    scheduler._decoding = ["running"] * 4  # no free slot: waiting rows could not be admitted anyway
+    assert not scheduler._newcomers_first() and not scheduler._newcomers_first()
+    assert scheduler.stats["decodes_deferred"] == 2

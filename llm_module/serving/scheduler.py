@@ -90,7 +90,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopped = False
         self.stats = {"steps": 0, "decode_steps": 0, "prefill_steps": 0, "largest_batch": 0,
-                      "workers_started": 0, "rows_admitted": 0, "refused": 0}
+                      "workers_started": 0, "rows_admitted": 0, "refused": 0, "decodes_deferred": 0}
+        self._deferred = False  # the last step left the decoding rows for newcomers' prefill
         _live.add(self)
 
     # ================================================================== callers' side
@@ -271,9 +272,21 @@ class Scheduler:
         self.stats["steps"] += 1
         if self._prefilling:
             self._prefill(runner)
-        if self._decoding:
+        if self._decoding and not self._newcomers_first():
             self._decode(runner)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self._decoding))
+
+    def _newcomers_first(self) -> bool:
+        """Whether rows that arrived during this step's prefill are prefilled next, before the running
+        rows' next token: a burst of requests then gets its first tokens one decode step sooner each
+        (vLLM's default order). The running rows wait one step, never two in a row."""
+        with self._cond:
+            room = len(self._decoding) + len(self._prefilling) < self.max_rows
+            defer = bool(self._waiting) and room and not self._draining() and not self._deferred
+        self._deferred = defer
+        if defer:
+            self.stats["decodes_deferred"] += 1
+        return defer
 
     def _prefill(self, runner: ModelRunner) -> None:
         """One chunk for the oldest rows still reading their prompt, within the token budget.
