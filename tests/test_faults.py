@@ -126,6 +126,44 @@ def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(tiny_mode
         engine.close()
 
 
+EXITS_MID_JOB = """
+import json, sys, time
+from pathlib import Path
+from llm_module.engine import Engine
+from llm_module.settings import Settings
+model, data, out, home = sys.argv[1:5]
+engine = Engine(Settings(home=Path(home)))
+engine.setup(model)
+params = {"MICRO_BATCH_SIZE": 2, "BATCH_SIZE": 2, "EPOCHS": 50, "LEARNING_RATE": 5e-3, "LORA_R": 4, "LORA_ALPHA": 8}
+job = engine.train(data, out, params, background=True)
+while (engine.job_status(job["job_id"])["progress"].get("step") or 0) < 2:
+    time.sleep(0.05)
+print(job["job_id"], flush=True)
+# the script ends here, with the job's thread inside a training step
+"""
+
+
+def test_a_process_that_exits_mid_job_exits_cleanly_and_the_job_resumes_later(tiny_model_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Code of item {i}?", "input": "",
+                                        "output": f"Item {i} has code Z{i}."}) + "\n" for i in range(8)))
+    home = tmp_path / "home"
+    for attempt in range(2):  # the abort it guards against came at a random point of a step
+        out = tmp_path / f"run{attempt}"
+        proc = subprocess.run([sys.executable, "-c", EXITS_MID_JOB, str(tiny_model_dir), str(data), str(out),
+                               str(home)], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr[-2000:]
+        job_id = proc.stdout.split()[-1]
+        record = json.loads((home / "jobs" / f"{job_id}.json").read_text())
+        assert record["state"] == "interrupted", record  # resumable, as after a crash, not "cancelled"
+        assert record["progress"]["last_checkpoint"], record  # stopped at a step, with a checkpoint
+        assert not (out / "final").exists()
+
+
 JOB = {"data_file": "train.jsonl", "output_dir": "runs/job",
        "training_params": {"MICRO_BATCH_SIZE": 2, "BATCH_SIZE": 2, "EPOCHS": 12, "LEARNING_RATE": 5e-3,
                            "LORA_R": 4, "LORA_ALPHA": 8},

@@ -10,12 +10,14 @@ again under the same id, from that checkpoint.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import threading
 import time
 import traceback
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 ACTIVE_STATES = ("queued", "running", "cancelling")
 RESUMABLE_STATES = ("interrupted", "failed", "cancelled")
 SAVE_EVERY_S = 2.0  # progress is written at most this often while a job runs
+EXIT_WAIT_S = 60.0  # at interpreter exit, how long running jobs get to stop at their next step
 
 
 @dataclass
@@ -72,6 +75,20 @@ class Job:
                    started=record.get("started"), finished=record.get("finished"), runs=record.get("runs", 1))
 
 
+# Every live manager, whose running jobs are stopped at interpreter exit. Why: a daemon thread still
+# inside a torch op when the interpreter finalizes is ended by pthread_exit in C++ code, which aborts
+# the process ("terminate called without an active exception"); stopped at a step, the job is
+# recorded as interrupted with its checkpoint instead, and resumes in the next process.
+_live: weakref.WeakSet[JobManager] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    deadline = time.monotonic() + EXIT_WAIT_S
+    for manager in list(_live):
+        manager.stop_all(deadline)
+
+
 class JobManager:
     """Runs callables in daemon threads; each gets a progress callback and a cancel event."""
 
@@ -79,8 +96,10 @@ class JobManager:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._keep_finished = keep_finished
+        self._exiting = False
         self.store = store
         self._load()
+        _live.add(self)
 
     # ------------------------------------------------------------------ records on disk
     def _load(self) -> None:
@@ -139,6 +158,9 @@ class JobManager:
                 job.progress["traceback"] = traceback.format_exc(limit=5)
                 job.state = "cancelled" if job.cancel_event.is_set() else "failed"
             finally:
+                if self._exiting and job.state == "cancelled":
+                    job.state, job.result = "interrupted", None
+                    job.error = "The process exited while this job ran; resume it."
                 job.finished = time.time()
                 job.progress["last_checkpoint"] = last_checkpoint(job.params.get("output_dir"))
                 self._save(job)
@@ -150,6 +172,17 @@ class JobManager:
         self._save(job)
         job.thread.start()
         return job
+
+    def stop_all(self, deadline: float) -> None:
+        """The process is exiting: running jobs stop at their next step (as ``interrupted``, resumable);
+        each is waited for until ``deadline`` (time.monotonic)."""
+        self._exiting = True
+        running = self.active()
+        for job in running:
+            job.cancel_event.set()
+        for job in running:
+            if job.thread is not None:
+                job.thread.join(max(0.0, deadline - time.monotonic()))
 
     def get(self, job_id: str) -> Job:
         if not isinstance(job_id, str) or job_id not in self._jobs:
