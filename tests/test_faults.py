@@ -143,7 +143,7 @@ print(job["job_id"], flush=True)
 """
 
 
-def test_a_process_that_exits_mid_job_exits_cleanly_and_the_job_resumes_later(tiny_model_dir, tmp_path):
+def test_a_process_that_exits_mid_job_exits_cleanly_and_leaves_it_resumable(tiny_model_dir, tmp_path):
     import json
     import subprocess
     import sys
