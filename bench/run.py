@@ -58,7 +58,7 @@ def section_args(section: str, a) -> list[str]:
         "streams": ["--new-tokens", "16" if quick else "128", "--repeat", str(max(1, a.repeat - 1)),
                     "--long-tokens", "64" if quick else "256"],
         "curves": ["--new-tokens", "8" if quick else "32", "--requests-per-client", "1" if quick else "2",
-                   "--repeat", "1" if quick else "2"],
+                   "--repeat", "1" if quick else str(max(2, a.repeat - 1))],
         "openai": ["--calls", str(max(10, a.overhead_calls // 2)), "--repeat", str(a.repeat + 2)],
         "training": ["--records", str(a.train_records), "--heldout", "8" if quick else "20",
                      "--epochs", str(a.train_epochs)],

@@ -57,27 +57,37 @@ def can_stack(model: nn.Module, adapters: Sequence[str]) -> bool:
 class _Layer:
     """One LoRA layer's per-adapter matrices and per-slot tables."""
 
-    __slots__ = ("module", "base", "pairs", "a", "b")
+    __slots__ = ("module", "base", "_pairs", "a", "b")
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.base = module.base_layer
-        self.pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {
-            name: (module.lora_A[name].weight.t().contiguous(),
-                   (module.lora_B[name].weight.t() * module.scaling[name]).contiguous())
-            for name in module.lora_A
-        }
+        # Each adapter's (A, scaled B) in the shapes the products take, made on its first use: a
+        # refresh after every load then costs nothing per loaded adapter (64 loaded with 8 in use
+        # made every load transpose all 64: bench/findings.md).
+        self._pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.a: torch.Tensor | None = None  # [slots, in, rank]
         self.b: torch.Tensor | None = None  # [slots, rank, out]
 
+    def pair(self, adapter: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``adapter``'s (A as [in, r], B scaled as [r, out]) in this layer, or None if it has none here."""
+        pair = self._pairs.get(adapter)  # the fast path: a decoding step asks once per layer
+        if pair is not None or not adapter or adapter not in self.module.lora_A:
+            return pair
+        module = self.module
+        pair = self._pairs[adapter] = (module.lora_A[adapter].weight.t().contiguous(),
+                                       (module.lora_B[adapter].weight.t() * module.scaling[adapter]).contiguous())
+        return pair
+
     def grow(self, slots: int) -> None:
         """Tables for ``slots`` slots (the first ones keep their contents)."""
-        if not self.pairs:  # a LoRA layer none of the loaded adapters uses (peft keeps it after an unload)
+        names = list(self.module.lora_A)
+        if not names:  # a LoRA layer none of the loaded adapters uses (peft keeps it after an unload)
             return
-        rank = max(a.shape[1] for a, _ in self.pairs.values())
-        a_any, b_any = next(iter(self.pairs.values()))
-        a = a_any.new_zeros(slots, a_any.shape[0], rank)
-        b = b_any.new_zeros(slots, rank, b_any.shape[1])
+        rank = max(self.module.lora_A[n].weight.shape[0] for n in names)
+        weight_a, weight_b = self.module.lora_A[names[0]].weight, self.module.lora_B[names[0]].weight
+        a = weight_a.new_zeros(slots, weight_a.shape[1], rank)
+        b = weight_b.new_zeros(slots, rank, weight_b.shape[0])
         if self.a is not None:
             a[: len(self.a)] = self.a
             b[: len(self.b)] = self.b
@@ -88,7 +98,7 @@ class _Layer:
             return
         self.a[slot].zero_()
         self.b[slot].zero_()
-        pair = self.pairs.get(adapter) if adapter else None
+        pair = self.pair(adapter)
         if pair is not None:
             a, b = pair
             self.a[slot, :, : a.shape[1]] = a
@@ -162,7 +172,7 @@ class LoraRows:
                 del module.forward
 
     def _forward_for(self, layer: _Layer):
-        base, pairs = layer.base, layer.pairs
+        base = layer.base
 
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             output = base(x, *args, **kwargs)
@@ -170,8 +180,8 @@ class LoraRows:
                 a, b = layer.a[self._slots], layer.b[self._slots]
                 rows = x.to(a.dtype).reshape(x.shape[0], -1, x.shape[-1])
                 delta = torch.bmm(torch.bmm(rows, a), b).view(*x.shape[:-1], b.shape[-1])
-            elif self._uniform is not None and self._uniform in pairs:
-                a, b = pairs[self._uniform]
+            elif (pair := layer.pair(self._uniform)) is not None:
+                a, b = pair
                 delta = (x.to(a.dtype) @ a) @ b
             else:
                 return output
