@@ -127,7 +127,7 @@ def test_training_killed_with_sigkill_resumes_from_its_last_checkpoint(tiny_mode
 
 
 EXITS_MID_JOB = """
-import json, sys, time
+import sys, time
 from pathlib import Path
 from llm_module.engine import Engine
 from llm_module.settings import Settings
