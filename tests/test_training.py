@@ -198,6 +198,22 @@ def test_run_writes_log_curve_checkpoints_and_honours_overrides(tiny_model_dir, 
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
 
 
+def test_frozen_base_trains_in_bf16_where_the_cpu_has_it_and_the_adapter_stays_float32(tiny_model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    auto, _ = run_training(tiny_model_dir, data, tmp_path / "auto")
+    expected = "bfloat16" if torch.cpu._is_avx512_bf16_supported() else "float32"
+    assert auto["params"]["base_dtype"] == expected
+    weights = load_file(str(Path(auto["adapter_dir"]) / "adapter_model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float32}  # LoRA's own weights learn in float32
+    kept, _ = run_training(tiny_model_dir, data, tmp_path / "fp32", base_dtype="float32")
+    assert kept["params"]["base_dtype"] == "float32"
+    with pytest.raises(InvalidInput, match="base_dtype must be one of auto, float32, bfloat16"):
+        run_training(tiny_model_dir, data, tmp_path / "bad", base_dtype="fp8")
+
+
 def test_cancel_stops_cleanly_and_keeps_the_previous_final(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
     out = tmp_path / "out"

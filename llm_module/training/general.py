@@ -5,7 +5,7 @@ science. ``general_questions.json`` holds general questions the default base mod
 right (checked against its greedy answers), each with the substrings a right answer contains.
 In the training process, on the private training copy (nothing touches the served model), every
 question is answered greedily, in short and in batches: by the plain model before the LoRA layers
-go in (the base score), and after training with the adapter merged in (the adapter score);
+go in (the base score), and after training with the adapter active (the adapter score);
 ``retained`` is adapter score / base score.
 
 The base answers depend only on the base model, so they are kept for the life of the process
@@ -118,7 +118,7 @@ def base_scores(model, tokenizer, *, template: str = "auto", questions: list[dic
     questions = questions if questions is not None else load_questions()
     prompts = _prompts(tokenizer, questions, template)
     source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
-    key = (source, template, tuple(prompts), tuple(tuple(q["expected"]) for q in questions))
+    key = (source, str(model.dtype), template, tuple(prompts), tuple(tuple(q["expected"]) for q in questions))
     with _cache_lock:
         right = _base_cache.get(key) if source else None
     if right is None:
@@ -131,15 +131,12 @@ def base_scores(model, tokenizer, *, template: str = "auto", questions: list[dic
 
 
 def general_check(peft_model, tokenizer, base: dict) -> dict:
-    """Answer the general questions with the trained adapter (merged for the pass, so it runs at the
-    plain model's speed; the LoRA weights are untouched) and compare with ``base`` (base_scores)."""
+    """Answer the general questions with the trained adapter active and compare with ``base`` (base_scores).
+    The adapter is not merged for the pass: merged into bfloat16 base weights, its small updates would
+    be rounded away."""
     start = time.perf_counter()
     questions, prompts = base["questions"], base["prompts"]
-    peft_model.merge_adapter()
-    try:
-        answers = answer_all(peft_model.get_base_model(), tokenizer, prompts)
-    finally:
-        peft_model.unmerge_adapter()
+    answers = answer_all(peft_model, tokenizer, prompts)
     tuned = [is_right(a, q["expected"]) for a, q in zip(answers, questions, strict=True)]
     base_right, tuned_right = sum(base["right"]), sum(tuned)
     lost = [{"question": q["question"], "answer": a.strip()[:160]}

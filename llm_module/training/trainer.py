@@ -65,6 +65,7 @@ def train_adapter(model, tokenizer, *, data_file: Path, output_dir: Path, traini
     if cancel.is_set():
         return {"cancelled": True, "steps": 0, "warnings": warnings, "adapter_dir": None}
 
+    data_summary["base_dtype"] = _cast_frozen_base(model, kwargs.get("base_dtype", "auto"))
     check = _flag("check_forgetting", kwargs, True) and os.environ.get("RANK", "0") == "0"  # rank 0 alone checks
     base_general = _base_scores(model, tokenizer, template) if check else None
     peft_model = _lora_model(model, params, kwargs.get("lora_config_kwargs"), seed)
@@ -118,6 +119,30 @@ def train_adapter(model, tokenizer, *, data_file: Path, output_dir: Path, traini
     result["adapter_dir"] = str(_save_final(peft_model, output_dir, data_file, base_model_name, result))
     progress({"state": "done"})
     return result
+
+
+BASE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def _cast_frozen_base(model, choice) -> str:
+    """Store the frozen base weights of the training copy in bfloat16 where the CPU multiplies bf16 natively.
+
+    LoRA trains only its own small matrices (peft keeps them float32), so the base weights are read,
+    never updated: bf16 halves what each matmul reads and runs it on the CPU's bf16 dot-product
+    instructions (a step 1.5x faster on AVX512-BF16, bench/findings.md). The caller's choice wins;
+    "auto" keeps float32 on CPUs without bf16 arithmetic and leaves CUDA to Trainer's bf16 autocast.
+    """
+    import torch
+
+    if choice not in BASE_DTYPES:
+        raise InvalidInput(f"base_dtype must be one of {', '.join(BASE_DTYPES)}, got {choice!r}.")
+    if choice == "auto":
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        choice = "bfloat16" if on_cpu and has_bf16 and model.dtype == torch.float32 else "keep"
+    if choice != "keep":
+        model.to(getattr(torch, choice))
+    return str(model.dtype).replace("torch.", "")
 
 
 def _seed(seed) -> int:
