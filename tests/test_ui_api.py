@@ -192,3 +192,14 @@ def test_loss_history_prefers_the_trainers_own_history_and_then_the_training_log
     assert done["eval_points"] == [{"step": 3, "loss": 2.2}]
     stale = job(state="failed", params={"output_dir": str(tmp_path)}, started=time.time() + 60)
     assert history.observe(stale)["source"] == "sampled"  # an earlier run's log is not this job's
+
+
+def test_the_train_forms_defaults_are_llm_trains_defaults():
+    """The page's prefilled training settings are the ones llm.train uses when given none (params.py)."""
+    from llm_module.training.params import DEFAULTS
+
+    page = (STATIC_DIR / "index.html").read_text()
+    shown = dict(re.findall(r'<input type="number" id="train-[a-z-]+" name="([A-Z_]+)"[^>]* value="([^"]+)"', page))
+    assert set(shown) == {"EPOCHS", "LEARNING_RATE", "CUTOFF_LEN", "MICRO_BATCH_SIZE", "BATCH_SIZE", "LORA_R",
+                          "LORA_ALPHA"}
+    assert {key: float(value) for key, value in shown.items()} == {key: float(DEFAULTS[key]) for key in shown}

@@ -18,12 +18,12 @@ from ..errors import InvalidInput, suggest
 DEFAULTS = {
     "MICRO_BATCH_SIZE": 4,
     "BATCH_SIZE": 4,
-    "EPOCHS": 6,
+    "EPOCHS": 7,
     "LEARNING_RATE": 2e-3,
     "CUTOFF_LEN": 256,
     "LORA_R": 16,
     "LORA_ALPHA": 32,
-    "LORA_DROPOUT": 0.05,
+    "LORA_DROPOUT": 0.0,  # dropout masks cost ~15 % of a CPU step (bench/findings.md)
     "WARMUP_STEPS": None,  # None: WARMUP_FRACTION of the optimizer steps
     "TARGET_MODULES": "all-linear",
 }
@@ -36,7 +36,7 @@ LOW_LR_STEPS = 50  # below this many steps, a LoRA learning rate under LOW_LR ba
 LOW_LR = 1e-4
 
 TRAIN_OPTIONS = ("lora_config_kwargs", "training_args_kwargs", "data_format", "val_set_size", "eval_file",
-                 "prompt_template", "train_on_inputs", "seed", "check_forgetting", "replay")
+                 "prompt_template", "train_on_inputs", "seed", "check_forgetting", "replay", "base_dtype")
 DEFAULT_REPLAY = 0  # general examples (with the base model's own answers) mixed into the data: general.py
 RETAINED_TARGET = 0.9  # below this share of the base model's right general answers, the result warns
 
