@@ -307,3 +307,11 @@ def test_stream_events_are_the_documented_ones(openapi, tiny_server):
         fields = dict(line.split(": ", 1) for line in block.splitlines())
         assert fields.get("event", "message") in allowed and json.loads(fields["data"])
     assert events[-1].startswith("event: done")
+
+
+def test_the_http_train_body_takes_every_llm_train_option():
+    """POST /v1/jobs/train and the train action reach every option llm.train has (params.TRAIN_OPTIONS)."""
+    from llm_module.server.schemas import TrainBody
+    from llm_module.training.params import TRAIN_OPTIONS
+
+    assert set(TRAIN_OPTIONS) - set(TrainBody.__fields__) == set()

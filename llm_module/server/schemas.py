@@ -21,6 +21,7 @@ from llm_module.adapter_files import NAME_RE
 from llm_module.export import ALIASES as EXPORT_ALIASES
 from llm_module.export import FORMATS, LORA_TYPES, MODEL_TYPES
 from llm_module.options import OPTIONS, SEED_RANGE
+from llm_module.training.params import BASE_DTYPES
 
 EXPORT_FORMATS = (*FORMATS, *EXPORT_ALIASES)
 # White space as Python's str.strip() sees it (regex engines differ on what \s covers), and a string with
@@ -268,6 +269,11 @@ class TrainFields(Strict):
     train_on_inputs: StrictBool | None = None
     check_forgetting: StrictBool | None = Field(None, description="Answer general questions with and without the "
                                                                   "adapter after training (default true).")
+    replay: bounded(int, ge=0) | None = Field(None, description="Mix this many general examples (the base model's "
+                                                                "own answers) into the data (default 0).")
+    base_dtype: Literal[BASE_DTYPES] | None = Field(None, description="How the training copy holds the frozen base "
+                                                                      "weights (auto: bf16 on CPUs with bf16 "
+                                                                      "arithmetic).")
     num_processes: bounded(int, ge=1) | None = Field(None, description="Train as a torchrun job of N processes.")
     lora_config_kwargs: StrictDict | None = None
     training_args_kwargs: StrictDict | None = None

@@ -22,7 +22,16 @@ from .data import PaddingCollator, Tokenized, load_examples, tokenize_examples
 from .evaluate import summarize, token_loss
 from .general import base_scores, forgetting_warning, general_check, replay_examples
 from .loss import ResponseLossTrainer
-from .params import DEFAULT_REPLAY, RETAINED_TARGET, StepPlan, TrainingParams, check_options, plan_steps, resolve_params
+from .params import (
+    BASE_DTYPES,
+    DEFAULT_REPLAY,
+    RETAINED_TARGET,
+    StepPlan,
+    TrainingParams,
+    check_options,
+    plan_steps,
+    resolve_params,
+)
 from .provenance import base_provenance
 from .report import write_loss_curve, write_training_log
 
@@ -119,9 +128,6 @@ def train_adapter(model, tokenizer, *, data_file: Path, output_dir: Path, traini
     result["adapter_dir"] = str(_save_final(peft_model, output_dir, data_file, base_model_name, result))
     progress({"state": "done"})
     return result
-
-
-BASE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def _cast_frozen_base(model, choice) -> str:
