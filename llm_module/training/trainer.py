@@ -59,7 +59,9 @@ def train_adapter(model, tokenizer, *, data_file: Path, output_dir: Path, traini
     params = resolve_params(training_params)
     seed = _seed(kwargs.get("seed", 42))
     progress({"state": "preparing"})
+    base_dtype = _cast_frozen_base(model, kwargs.get("base_dtype", "auto"))  # before replay answers and base scores
     train_rows, eval_rows, data_summary = _datasets(tokenizer, data_file, params, kwargs, seed)
+    data_summary["base_dtype"] = base_dtype
     template = "auto" if data_summary["prompt_template"] == "none" else data_summary["prompt_template"]
     replay = _replay_count(kwargs.get("replay", DEFAULT_REPLAY))
     if replay and data_summary["data_format"] != "text" and not cancel.is_set():
@@ -74,7 +76,6 @@ def train_adapter(model, tokenizer, *, data_file: Path, output_dir: Path, traini
     if cancel.is_set():
         return {"cancelled": True, "steps": 0, "warnings": warnings, "adapter_dir": None}
 
-    data_summary["base_dtype"] = _cast_frozen_base(model, kwargs.get("base_dtype", "auto"))
     check = _flag("check_forgetting", kwargs, True) and os.environ.get("RANK", "0") == "0"  # rank 0 alone checks
     base_general = _base_scores(model, tokenizer, template) if check else None
     peft_model = _lora_model(model, params, kwargs.get("lora_config_kwargs"), seed)
@@ -135,7 +136,7 @@ def _cast_frozen_base(model, choice) -> str:
 
     LoRA trains only its own small matrices (peft keeps them float32), so the base weights are read,
     never updated: bf16 halves what each matmul reads and runs it on the CPU's bf16 dot-product
-    instructions (a step 1.5x faster on AVX512-BF16, bench/findings.md). The caller's choice wins;
+    instructions (a catalog step 1.14x faster on AVX512-BF16, bench/findings.md). The caller's choice wins;
     "auto" keeps float32 on CPUs without bf16 arithmetic and leaves CUDA to Trainer's bf16 autocast.
     """
     import torch
