@@ -71,8 +71,9 @@ def resolve_device(device: str | None) -> str:
 def resolve_dtype(dtype: str | None, device: str):
     """Map a dtype name to torch; 'auto' is what measured fastest and exact enough here.
 
-    On CPU fp32: bf16 (AMX) was slower for single-stream generation and training on
-    the reference machine and changes greedy outputs. On CUDA bf16 when supported.
+    On CPU fp32: bf16 was slower for single-stream generation on the reference machine and
+    changes greedy outputs. (Training loads this float32 copy and then holds its frozen base in
+    bf16 itself where the CPU has bf16 arithmetic: training/trainer.py.) On CUDA bf16 when supported.
     """
     import torch
 
