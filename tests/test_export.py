@@ -40,8 +40,10 @@ def trained(tiny_model_dir, tmp_path_factory):
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     engine = Engine(Settings(home=root / "home"), state_file=StateFile(root / "state.json"))
     engine.setup(str(tiny_model_dir))
+    # protect_general=0: on the tiny random model the guard holds 3/4 of each layer, and these tests want an
+    # adapter that has clearly learned the records (what is checked is the export, not the guard)
     result = engine.train(str(data), str(root / "runs" / "shop"), PARAMS, show_progress=False,
-                          check_forgetting=False)
+                          check_forgetting=False, protect_general=0)
     tuned, base = answers(engine, "shop"), answers(engine, "base")
     assert tuned != base  # the adapter changes what the model says
     yield SimpleNamespace(engine=engine, root=root, result=result, tuned=tuned, base=base,

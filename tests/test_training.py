@@ -306,7 +306,7 @@ def test_forgetting_check_reports_the_retained_share_and_warns(tiny_model_dir, t
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
     out = tmp_path / "out"
     result, reports = run_training(tiny_model_dir, data, out, {"EPOCHS": 4, "LEARNING_RATE": 3e-2},
-                                   check_forgetting=True)
+                                   check_forgetting=True, protect_general=0)  # an adapter that forgets
     general_report = result["general"]
     assert general_report["questions"] == 4 and general_report["base_right"] == 4
     assert general_report["retained"] == result["general_retained"] < 0.9
@@ -318,6 +318,55 @@ def test_forgetting_check_reports_the_retained_share_and_warns(tiny_model_dir, t
     assert meta["general_retained"] == result["general_retained"]
     skipped, _ = run_training(tiny_model_dir, data, tmp_path / "off", check_forgetting=False)
     assert skipped["general"] is None and skipped["general_retained"] is None
+
+
+def _protected_share(adapter_dir: Path, subspaces: dict) -> float:
+    """The largest share of a lora_A's norm that lies in its layer's protected subspace."""
+    from safetensors.torch import load_file
+
+    worst = 0.0
+    for key, a in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
+        if ".lora_A." not in key:
+            continue
+        basis, inside = subspaces[key.removeprefix("base_model.model.").split(".lora_A.")[0]]
+        a = a.float()
+        part = a @ basis @ basis.T if inside else a - a @ basis @ basis.T
+        worst = max(worst, float(part.norm() / a.norm()))
+    return worst
+
+
+def test_protect_general_keeps_the_adapter_out_of_what_general_prompts_use(tiny_model_dir, tmp_path):
+    """By default every lora_A ends orthogonal to the directions that hold 99 % of the general prompts'
+    input energy at its layer (so B A x ~ 0 for them); with protect_general=0 it does not."""
+    from llm_module.training import protect
+
+    loaded = load_model(str(tiny_model_dir), models_dir=Settings().models_dir)
+    texts = protect.general_prompts(loaded.tokenizer, "chat")
+    subspaces = protect.input_subspaces(loaded.model, loaded.tokenizer, texts, 0.99)
+    data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
+    same = {"check_forgetting": False, "base_dtype": "float32"}  # the subspaces above were measured in float32
+    guarded, reports = run_training(tiny_model_dir, data, tmp_path / "on", {"EPOCHS": 3}, **same)
+    assert guarded["params"]["protect_general"] == 0.99 and guarded["params"]["protect_seconds"] > 0
+    low, high = guarded["params"]["protected_dims"]
+    assert 0 < low <= high <= 0.75 * 128  # a quarter of each layer stays free (protect.MAX_PROTECTED)
+    assert any(r.get("state") == "measuring general inputs" for r in reports)
+    assert _protected_share(Path(guarded["adapter_dir"]), subspaces) < 1e-3
+    free, _ = run_training(tiny_model_dir, data, tmp_path / "off", {"EPOCHS": 3}, protect_general=0, **same)
+    assert free["params"]["protect_general"] == 0 and "protect_seconds" not in free["params"]
+    assert _protected_share(Path(free["adapter_dir"]), subspaces) > 0.3
+    for bad in (1, 1.5, -0.1, "high"):
+        with pytest.raises(InvalidInput, match="protect_general"):
+            run_training(tiny_model_dir, data, tmp_path / "bad", protect_general=bad)
+
+
+def test_the_protect_prompts_are_general_and_none_is_a_question_of_the_check():
+    from llm_module.training import protect
+    from llm_module.training.general import load_questions
+
+    pool = [p for path in protect.PROMPT_FILES for p in json.loads(path.read_text())]
+    checked = {q["question"].strip().lower() for q in load_questions()}
+    assert len(pool) >= 100 and len(set(pool)) == len(pool)
+    assert not [p for p in pool if p.strip().lower() in checked]
 
 
 def test_replay_mixes_the_base_models_own_answers_into_the_data(tiny_model_dir, tmp_path):

@@ -134,10 +134,10 @@ class NonEmptyText(ConstrainedStr):
     min_length = 1
 
 
-def bounded(kind: type, *, gt=None, ge=None, le=None) -> type:
+def bounded(kind: type, *, gt=None, ge=None, lt=None, le=None) -> type:
     """A strict int or number type with these bounds (None: unbounded)."""
     base = StrictInt if kind is int else Number
-    bounds = {k: v for k, v in {"gt": gt, "ge": ge, "le": le}.items() if v is not None}
+    bounds = {k: v for k, v in {"gt": gt, "ge": ge, "lt": lt, "le": le}.items() if v is not None}
     return type(f"{base.__name__}_{'_'.join(f'{k}{v}' for k, v in bounds.items())}", (base,), bounds)
 
 
@@ -274,6 +274,9 @@ class TrainFields(Strict):
     base_dtype: Literal[BASE_DTYPES] | None = Field(None, description="How the training copy holds the frozen base "
                                                                       "weights (auto: bf16 on CPUs with bf16 "
                                                                       "arithmetic).")
+    protect_general: Union[StrictBool, bounded(float, ge=0, lt=1)] | None = Field(
+        None, description="Keep the adapter out of the directions holding this share of general prompts' input "
+                          "energy, so general answers stay the base model's (default 0.99; 0 or false: off).")
     num_processes: bounded(int, ge=1) | None = Field(None, description="Train as a torchrun job of N processes.")
     lora_config_kwargs: StrictDict | None = None
     training_args_kwargs: StrictDict | None = None

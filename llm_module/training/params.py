@@ -36,8 +36,10 @@ LOW_LR_STEPS = 50  # below this many steps, a LoRA learning rate under LOW_LR ba
 LOW_LR = 1e-4
 
 TRAIN_OPTIONS = ("lora_config_kwargs", "training_args_kwargs", "data_format", "val_set_size", "eval_file",
-                 "prompt_template", "train_on_inputs", "seed", "check_forgetting", "replay", "base_dtype")
+                 "prompt_template", "train_on_inputs", "seed", "check_forgetting", "replay", "base_dtype",
+                 "protect_general")
 BASE_DTYPES = ("auto", "float32", "bfloat16")  # how the training copy holds the frozen base (trainer.py)
+DEFAULT_PROTECT_GENERAL = 0.99  # share of general inputs' energy the adapter is kept out of: protect.py
 DEFAULT_REPLAY = 0  # general examples (with the base model's own answers) mixed into the data: general.py
 RETAINED_TARGET = 0.9  # below this share of the base model's right general answers, the result warns
 

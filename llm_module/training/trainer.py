@@ -24,6 +24,7 @@ from .general import base_scores, forgetting_warning, general_check, replay_exam
 from .loss import ResponseLossTrainer
 from .params import (
     BASE_DTYPES,
+    DEFAULT_PROTECT_GENERAL,
     DEFAULT_REPLAY,
     RETAINED_TARGET,
     StepPlan,
@@ -32,6 +33,7 @@ from .params import (
     plan_steps,
     resolve_params,
 )
+from .protect import GeneralSubspaceGuard, check_share, general_subspaces
 from .provenance import base_provenance
 from .report import write_loss_curve, write_training_log
 
@@ -78,10 +80,14 @@ def train_adapter(model, tokenizer, *, data_file: Path, output_dir: Path, traini
 
     check = _flag("check_forgetting", kwargs, True) and os.environ.get("RANK", "0") == "0"  # rank 0 alone checks
     base_general = _base_scores(model, tokenizer, template) if check else None
+    protected = _protected_subspaces(model, tokenizer, template, kwargs, data_summary, progress)
     peft_model = _lora_model(model, params, kwargs.get("lora_config_kwargs"), seed)
     monitor = RunMonitor(progress, cancel)
     trainer = _trainer(peft_model, tokenizer, output_dir, params, plan, train_rows, eval_rows, monitor,
                        kwargs.get("training_args_kwargs"), seed, show_progress)
+    if protected:
+        trainer.add_callback(GeneralSubspaceGuard(peft_model, protected))
+        del protected  # the guard holds what it needs
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     peft_model.eval()
     state = trainer.state
@@ -308,6 +314,20 @@ def _replay_rows(model, tokenizer, template: str, count: int, seed: int, params:
     rows, _ = tokenize_examples(examples, tokenizer, cutoff_len=params.CUTOFF_LEN, train_on_inputs=False,
                                 chunk_text=False)
     return rows
+
+
+def _protected_subspaces(model, tokenizer, template: str, kwargs: dict, data_summary: dict, progress) -> dict | None:
+    """What the adapter is kept out of (protect.py), measured on the plain model; None when off."""
+    share = check_share(kwargs.get("protect_general", DEFAULT_PROTECT_GENERAL))
+    data_summary["protect_general"] = share
+    if not share:
+        return None
+    progress({"state": "measuring general inputs"})
+    subspaces, info = general_subspaces(model, tokenizer, template, share)
+    data_summary.update(protect_seconds=info["seconds"],
+                        protected_dims=[info["protected_dims_min"], info["protected_dims_max"]])
+    log.info("Protected general subspaces: %s", info)
+    return subspaces
 
 
 def _base_scores(model, tokenizer, template: str) -> dict | None:
