@@ -181,5 +181,5 @@ def general_subspaces(model, tokenizer, template: str, share: float) -> tuple[di
     texts = general_prompts(tokenizer, template)
     subspaces = input_subspaces(model, tokenizer, texts, share)
     dims = [basis.shape[1] if inside else basis.shape[0] - basis.shape[1] for basis, inside in subspaces.values()]
-    return subspaces, {"prompts": len(texts), "layers": len(subspaces), "protected_dims_min": min(dims),
-                       "protected_dims_max": max(dims), "seconds": round(time.perf_counter() - start, 1)}
+    return subspaces, {"prompts": len(texts), "layers": len(subspaces), "protected_dims_min": min(dims, default=0),
+                       "protected_dims_max": max(dims, default=0), "seconds": round(time.perf_counter() - start, 1)}

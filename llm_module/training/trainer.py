@@ -327,7 +327,9 @@ def _protected_subspaces(model, tokenizer, template: str, kwargs: dict, data_sum
     data_summary.update(protect_seconds=info["seconds"],
                         protected_dims=[info["protected_dims_min"], info["protected_dims_max"]])
     log.info("Protected general subspaces: %s", info)
-    return subspaces
+    if not subspaces:  # e.g. GPT-2's Conv1D layers: nothing the guard knows how to measure
+        log.warning("protect_general: this model has no nn.Linear layers to protect; training without the guard.")
+    return subspaces or None
 
 
 def _base_scores(model, tokenizer, template: str) -> dict | None:
