@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 
 from ..errors import InvalidInput
 from ..prompts import render_prompt
+from .data import PaddingCollator, Tokenized
 
 PROMPT_FILES = (Path(__file__).with_name("calibration_questions.json"), Path(__file__).with_name("replay_prompts.json"))
 BATCH_SIZE = 16
@@ -108,12 +109,13 @@ def _input_moments(model, tokenizer, texts: list[str]) -> dict:
                 model(input_ids=torch.tensor([rows[0][:prefix]]))
                 state.update(weight=1.0, read={})
             order = sorted(rows, key=len)
+            pad = PaddingCollator(tokenizer.pad_token_id or 0, multiple_of=1)
             for start in range(0, len(order), BATCH_SIZE):
-                ids, mask = _right_padded(order[start:start + BATCH_SIZE], tokenizer.pad_token_id or 0)
-                counted = mask.clone()
+                batch = pad([Tokenized(row, row) for row in order[start:start + BATCH_SIZE]])
+                counted = batch["attention_mask"].bool()
                 counted[:, :prefix] = False
                 state["counted"] = counted.reshape(-1)
-                model(input_ids=ids, attention_mask=mask.long())
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 state["read"] = {}
     finally:
         model.train(was_training)
@@ -127,17 +129,6 @@ def _shared_prefix(rows: list[list[int]]) -> int:
         if any(r[i] != rows[0][i] for r in rows):
             return i
     return min(len(r) for r in rows)
-
-
-def _right_padded(rows: list[list[int]], pad_id: int):
-    import torch
-
-    ids = torch.full((len(rows), max(len(r) for r in rows)), pad_id)
-    mask = torch.zeros(ids.shape, dtype=torch.bool)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = True
-    return ids, mask
 
 
 class GeneralSubspaceGuard(TrainerCallback):
