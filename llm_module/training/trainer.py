@@ -60,6 +60,7 @@ def train_adapter(model, tokenizer, *, data_file: Path, output_dir: Path, traini
     check_options(kwargs)
     params = resolve_params(training_params)
     seed = _seed(kwargs.get("seed", 42))
+    protect_share = check_share(kwargs.get("protect_general", DEFAULT_PROTECT_GENERAL))  # refused before any work
     progress({"state": "preparing"})
     base_dtype = _cast_frozen_base(model, kwargs.get("base_dtype", "auto"))  # before replay answers and base scores
     train_rows, eval_rows, data_summary = _datasets(tokenizer, data_file, params, kwargs, seed)
@@ -80,7 +81,7 @@ def train_adapter(model, tokenizer, *, data_file: Path, output_dir: Path, traini
 
     check = _flag("check_forgetting", kwargs, True) and os.environ.get("RANK", "0") == "0"  # rank 0 alone checks
     base_general = _base_scores(model, tokenizer, template) if check else None
-    protected = _protected_subspaces(model, tokenizer, template, kwargs, data_summary, progress)
+    protected = _protected_subspaces(model, tokenizer, template, protect_share, data_summary, progress)
     peft_model = _lora_model(model, params, kwargs.get("lora_config_kwargs"), seed)
     monitor = RunMonitor(progress, cancel)
     trainer = _trainer(peft_model, tokenizer, output_dir, params, plan, train_rows, eval_rows, monitor,
@@ -316,9 +317,9 @@ def _replay_rows(model, tokenizer, template: str, count: int, seed: int, params:
     return rows
 
 
-def _protected_subspaces(model, tokenizer, template: str, kwargs: dict, data_summary: dict, progress) -> dict | None:
+def _protected_subspaces(model, tokenizer, template: str, share: float, data_summary: dict,
+                         progress) -> dict | None:
     """What the adapter is kept out of (protect.py), measured on the plain model; None when off."""
-    share = check_share(kwargs.get("protect_general", DEFAULT_PROTECT_GENERAL))
     data_summary["protect_general"] = share
     if not share:
         return None
