@@ -206,10 +206,12 @@ def test_frozen_base_trains_in_bf16_where_the_cpu_has_it_and_the_adapter_stays_f
     auto, _ = run_training(tiny_model_dir, data, tmp_path / "auto")
     expected = "bfloat16" if torch.cpu._is_avx512_bf16_supported() else "float32"
     assert auto["params"]["base_dtype"] == expected
+    assert auto["params"]["autocast"] == ("bfloat16" if expected == "bfloat16" else None)
+    assert auto["general"] is not None  # the check generated with the trained copy: peft casts inputs again
     weights = load_file(str(Path(auto["adapter_dir"]) / "adapter_model.safetensors"))
     assert {t.dtype for t in weights.values()} == {torch.float32}  # LoRA's own weights learn in float32
     kept, _ = run_training(tiny_model_dir, data, tmp_path / "fp32", base_dtype="float32")
-    assert kept["params"]["base_dtype"] == "float32"
+    assert kept["params"]["base_dtype"] == "float32" and kept["params"]["autocast"] is None
     with pytest.raises(InvalidInput, match="base_dtype must be one of auto, float32, bfloat16"):
         run_training(tiny_model_dir, data, tmp_path / "bad", base_dtype="fp8")
 

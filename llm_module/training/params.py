@@ -18,7 +18,7 @@ from ..errors import InvalidInput, suggest
 DEFAULTS = {
     "MICRO_BATCH_SIZE": 4,
     "BATCH_SIZE": 4,
-    "EPOCHS": 7,
+    "EPOCHS": 8,
     "LEARNING_RATE": 2e-3,
     "CUTOFF_LEN": 256,
     "LORA_R": 16,
