@@ -125,7 +125,9 @@ def test_a_model_on_our_kernels_decodes_few_rows_with_one_openmp_thread(tmp_path
     try:
         engine.setup(str(tmp_path / "model"), quantize="int4")
         assert engine.host.patches.int4_kernel.startswith("llm_module")
-        assert engine.host.patches.decode_attention == 1  # its one layer's decoding steps: our attention too
+        # its one layer's decoding steps run on our attention too, where that kernel is built (AVX-512 only)
+        has_decode_kernel = hasattr(int4_kernel.kernel(), "decode_attention")
+        assert engine.host.patches.decode_attention == (1 if has_decode_kernel else 0)
         caller_threads = torch.get_num_threads()
         seen = _forward_threads(engine)
         few = {threads for tokens, threads in seen if tokens <= OWN_WORKERS_MAX_TOKENS}
