@@ -63,9 +63,9 @@ def train_adapter(model, tokenizer, *, data_file: Path, output_dir: Path, traini
     protect_share = check_share(kwargs.get("protect_general", DEFAULT_PROTECT_GENERAL))  # refused before any work
     progress({"state": "preparing"})
     base_dtype = _cast_frozen_base(model, kwargs.get("base_dtype", "auto"))  # before replay answers and base scores
-    cpu_bf16 = _set_up_cpu_bf16_compute(model)  # eager attention from here on; autocast while Trainer runs
+    attention, cpu_bf16 = _set_up_cpu_compute(model)  # eager attention from here on; autocast while Trainer runs
     train_rows, eval_rows, data_summary = _datasets(tokenizer, data_file, params, kwargs, seed)
-    data_summary.update(base_dtype=base_dtype, autocast="bfloat16" if cpu_bf16 else None)
+    data_summary.update(base_dtype=base_dtype, autocast="bfloat16" if cpu_bf16 else None, attention=attention)
     template = "auto" if data_summary["prompt_template"] == "none" else data_summary["prompt_template"]
     replay = _replay_count(kwargs.get("replay", DEFAULT_REPLAY))
     if replay and data_summary["data_format"] != "text" and not cancel.is_set():
@@ -163,24 +163,24 @@ def _cast_frozen_base(model, choice) -> str:
     return str(model.dtype).replace("torch.", "")
 
 
-def _set_up_cpu_bf16_compute(model) -> bool:
-    """With a bf16 base on CPU, switch the copy to eager attention and say so: it then trains under bf16
-    autocast (``_training_arguments``) with peft's input casting off (``train_adapter``): 1.25 -> 1.02 s a
-    catalog step.
+def _set_up_cpu_compute(model) -> tuple[str, bool]:
+    """On CPU, switch the private training copy to eager attention; say which attention it trains with and
+    whether it trains under bf16 autocast (a bf16 base: ``_training_arguments``, with peft's input casting
+    off in ``train_adapter``).
 
-    peft keeps LoRA's weights float32 and, by default, casts each LoRA layer's bf16 input to float32
-    and its output back: activation-sized copies in all 210 layers, a fifth of a step. Under autocast
-    only LoRA's small weights are cast to bf16 (the optimizer still updates float32 weights), so
-    ``train_adapter`` turns peft's input casting off while Trainer runs. SDPA's bf16 backward is slow
-    on CPU (3.25 vs 0.93 ms a layer); eager attention is not. Figures: bench/findings.md.
+    SDPA's backward is slow on CPU: 3.25 vs 0.93 ms a layer in bf16; a float32 catalog step 1.56 -> 1.43 s
+    on an AVX2 CPU. peft keeps LoRA's weights float32 and, by default, casts each LoRA layer's bf16 input
+    to float32 and its output back: activation-sized copies in all 210 layers, a fifth of a bf16 step.
+    Under autocast only LoRA's small weights are cast to bf16 (the optimizer still updates float32
+    weights): a bf16 step 1.25 -> 1.02 s with eager attention. Figures: bench/findings.md.
     """
     import torch
 
     first = next(model.parameters())
-    if first.device.type != "cpu" or first.dtype != torch.bfloat16:
-        return False
+    if first.device.type != "cpu":
+        return str(model.config._attn_implementation), False
     model.set_attn_implementation("eager")  # the private training copy only: serving keeps its own
-    return True
+    return "eager", first.dtype == torch.bfloat16
 
 
 def _seed(seed) -> int:
