@@ -18,7 +18,7 @@ from llm_module.settings import Settings
 from llm_module.training import train_adapter
 
 PARAMS = {"MICRO_BATCH_SIZE": 4, "BATCH_SIZE": 4, "EPOCHS": 2, "LEARNING_RATE": 5e-3, "CUTOFF_LEN": 128,
-          "LORA_R": 4, "LORA_ALPHA": 8, "LORA_DROPOUT": 0.1}  # dropout on: its masks must repeat too
+          "LORA_R": 4, "LORA_ALPHA": 8, "LORA_DROPOUT": 0.1}  # LoRA's and the prompt's dropout: masks must repeat
 RECORDS = [{"instruction": f"What is the code of item {i}?", "input": "", "output": f"Item {i} has code Z{i}."}
            for i in range(12)]
 
@@ -54,10 +54,12 @@ def test_same_seed_gives_the_same_adapter_bit_for_bit(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("threads", [1])
-def test_thread_count_does_not_change_the_adapter(tiny_model_dir, tmp_path, threads):
-    """torch's CPU kernels split work by thread count; on this model the training itself does not depend on
-    it. The general-subspace guard's eigendecomposition does (LAPACK's last bits), so with the guard on an
-    adapter is bit-identical at one thread count, and this test trains without it."""
+def test_thread_count_moves_only_the_last_bits_of_the_adapter(tiny_model_dir, tmp_path, threads):
+    """torch's CPU kernels split a backward pass's sums by thread count, so at most sequence lengths
+    the LoRA gradients differ in their last bits between thread counts (1 vs 2 threads on this
+    model: 28 of 40 lengths from 20 to 59 tokens). An adapter is bit-identical at one thread count
+    (the test above) and within a small tolerance across thread counts (trained without the
+    general-subspace guard, whose eigendecomposition adds LAPACK's own thread-dependent bits)."""
     import torch
 
     data = tmp_path / "d.jsonl"
@@ -69,4 +71,8 @@ def test_thread_count_does_not_change_the_adapter(tiny_model_dir, tmp_path, thre
         fewer, _ = _train(tiny_model_dir, data, tmp_path / "b", seed=5, disturb=2, protect_general=0)
     finally:
         torch.set_num_threads(before)
-    assert all(torch.equal(reference[k], fewer[k]) for k in reference)
+    worst = max(float((reference[k] - fewer[k]).norm() / reference[k].norm().clamp(min=1e-12)) for k in reference)
+    assert worst < 1e-3, worst
+    other, _ = _train(tiny_model_dir, data, tmp_path / "c", seed=6, disturb=1, protect_general=0)
+    seed_moves = max(float((reference[k] - other[k]).norm() / reference[k].norm().clamp(min=1e-12)) for k in reference)
+    assert seed_moves > 100 * worst  # what the seed changes dwarfs what threads change

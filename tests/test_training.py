@@ -17,6 +17,7 @@ from llm_module.settings import Settings
 from llm_module.training import check_output_dir, train_adapter
 from llm_module.training.data import Example, detect_format, load_examples, tokenize_examples
 from llm_module.training.params import SEED_DEFAULTS, plan_steps, resolve_params
+from llm_module.training.prompt_dropout import PromptDropout
 
 DATA = Path(__file__).parent / "data"
 FAST = {"MICRO_BATCH_SIZE": 4, "BATCH_SIZE": 4, "EPOCHS": 1, "LEARNING_RATE": 5e-3, "CUTOFF_LEN": 128,
@@ -100,6 +101,54 @@ def test_train_on_inputs_and_alpaca_template(tokenizer, tmp_path):
     assert tokenizer.decode(rows[0].input_ids).startswith("Below is an instruction")
 
 
+def _droppable_text(tokenizer, row) -> str:
+    return tokenizer.decode([row.input_ids[p] for p in row.droppable])
+
+
+def test_prompt_dropout_may_drop_the_users_words_and_nothing_else(tokenizer, tmp_path):
+    record = {"instruction": "You answer for the shop.", "input": "What does the Alder Kettle cost?",
+              "output": "The Alder Kettle costs $42.", "system": "Be brief."}
+    for template in ("chat", "alpaca"):
+        rows, _ = load_examples(write_jsonl(tmp_path / "r.jsonl", [record]), tokenizer, data_format="alpaca",
+                                prompt_template=template, cutoff_len=256, train_on_inputs=False)
+        row = rows[0]
+        words = _droppable_text(tokenizer, row)
+        assert "Alder Kettle cost" in words and "You answer for the shop" in words
+        assert "Be brief" not in words and "$42" not in words  # not the system text, never the response
+        assert all(row.labels[p] == -100 for p in row.droppable)
+        assert "<|im_start|>" not in words and "### " not in words and "Below is" not in words  # template kept
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Price of X9?"},
+                         {"role": "assistant", "content": "It is $3."}, {"role": "user", "content": "And Y7?"},
+                         {"role": "assistant", "content": "It is $5."}]}
+    rows, _ = load_examples(write_jsonl(tmp_path / "c.jsonl", [chat]), tokenizer, data_format=None,
+                            prompt_template=None, cutoff_len=256, train_on_inputs=False)
+    words = _droppable_text(tokenizer, rows[0])
+    assert "X9" in words and "Y7" in words and "brief" not in words and "$3" not in words
+    text, _ = load_examples(write_jsonl(tmp_path / "t.jsonl", RECORDS["text"][:1]), tokenizer, data_format=None,
+                            prompt_template=None, cutoff_len=256, train_on_inputs=False)
+    assert text[0].droppable == ()  # raw text has no prompt to drop from
+
+
+def test_prompt_dropout_is_fixed_by_seed_epoch_and_row_and_keeps_the_response(tokenizer, tmp_path):
+    record = {"instruction": "Which platform does the Copperline night train to Ostrana leave from today?",
+              "input": "", "output": "The Copperline leaves from platform 4."}
+    row = load_examples(write_jsonl(tmp_path / "r.jsonl", [record]), tokenizer, data_format=None,
+                        prompt_template=None, cutoff_len=256, train_on_inputs=False)[0][0]
+    dropout = PromptDropout(0.3, seed=5)
+    first = dropout.apply(row, 0)
+    assert dropout.apply(row, 0) == first  # the same seed, epoch and row: the same drops
+    assert len(row) - len(row.droppable) < len(first) < len(row)
+    response = [label for label in row.labels if label != -100]
+    assert [label for label in first.labels if label != -100] == response  # the answer is learned whole
+    assert first.input_ids[-len(response):] == row.input_ids[-len(response):]
+    others = {tuple(dropout.apply(row, 1).input_ids), tuple(PromptDropout(0.3, seed=6).apply(row, 0).input_ids)}
+    dropout.epoch = 1
+    others.add(tuple(dropout.apply(row, 0).input_ids))
+    assert tuple(first.input_ids) not in others  # another row, seed or epoch draws other drops
+    assert PromptDropout(0.0, seed=5).apply(row, 0) is row
+    assert len(PromptDropout(0.99, seed=5).apply(row, 0)) >= len(row) - len(row.droppable) + 1  # a word stays
+
+
 def test_long_text_is_cut_into_overlapping_windows(tokenizer):
     text = " ".join(f"word{i}" for i in range(400))
     rows, _ = tokenize_examples([Example("", text, end_with_eos=False)], tokenizer, cutoff_len=64,
@@ -134,6 +183,14 @@ def test_bad_records_are_refused_with_the_record_named(tokenizer, tmp_path):
 
 
 # ---------------------------------------------------------------- params
+def test_prompt_dropout_is_a_share_below_one():
+    assert resolve_params({}).PROMPT_DROPOUT == 0.15
+    assert resolve_params({"PROMPT_DROPOUT": 0}).PROMPT_DROPOUT == 0.0
+    for bad in (1, 1.5, -0.1, "0.1", True):
+        with pytest.raises(InvalidInput, match=r"PROMPT_DROPOUT must be a number in \[0, 1\) \(0: off\)"):
+            resolve_params({"PROMPT_DROPOUT": bad})
+
+
 def test_seed_recipe_on_small_data_is_adjusted_and_explained():
     plan = plan_steps(resolve_params(SEED_DEFAULTS), n_train=10)
     assert plan.accumulation == 1 and plan.steps_per_epoch == 3  # not one step per epoch
@@ -339,17 +396,19 @@ def _protected_share(adapter_dir: Path, subspaces: dict) -> float:
 
 
 def test_protect_general_keeps_the_adapter_out_of_what_general_prompts_use(tiny_model_dir, tmp_path):
-    """By default every lora_A ends orthogonal to the directions that hold 99 % of the general prompts'
+    """By default every lora_A ends orthogonal to the directions that hold 99.5 % of the general prompts'
     input energy at its layer (so B A x ~ 0 for them); with protect_general=0 it does not."""
     from llm_module.training import protect
+    from llm_module.training.params import DEFAULT_PROTECT_GENERAL
 
     loaded = load_model(str(tiny_model_dir), models_dir=Settings().models_dir)
     texts = protect.general_prompts(loaded.tokenizer, "chat")
-    subspaces = protect.input_subspaces(loaded.model, loaded.tokenizer, texts, 0.99)
+    subspaces = protect.input_subspaces(loaded.model, loaded.tokenizer, texts, DEFAULT_PROTECT_GENERAL)
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
     same = {"check_forgetting": False, "base_dtype": "float32"}  # the subspaces above were measured in float32
     guarded, reports = run_training(tiny_model_dir, data, tmp_path / "on", {"EPOCHS": 3}, **same)
-    assert guarded["params"]["protect_general"] == 0.99 and guarded["params"]["protect_seconds"] > 0
+    assert guarded["params"]["protect_general"] == DEFAULT_PROTECT_GENERAL == 0.995
+    assert guarded["params"]["protect_seconds"] > 0
     low, high = guarded["params"]["protected_dims"]
     assert 0 < low <= high <= 0.75 * 128  # a quarter of each layer stays free (protect.MAX_PROTECTED)
     assert any(r.get("state") == "measuring general inputs" for r in reports)

@@ -30,12 +30,14 @@ class Example:
     prompt: str  # what the model reads before answering ('' for raw text)
     response: str  # what the model learns to write
     end_with_eos: bool = True  # so a tuned model learns to stop
+    user_texts: tuple[str, ...] = ()  # the user's words inside the prompt, in order: what PROMPT_DROPOUT may drop
 
 
 @dataclass
 class Tokenized:
     input_ids: list[int]
     labels: list[int]  # -100 where no loss is taken
+    droppable: tuple[int, ...] = ()  # positions of the user's words (prompt_dropout.py); never template tokens
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -157,9 +159,12 @@ def _instruction_example(instruction: str, input_text: str, response: str, token
                          system: str = "") -> Example:
     if template == "chat":
         messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": user_content(instruction, input_text)})
-        return Example(render_prompt(tokenizer, messages, "chat"), response)
-    return Example(alpaca_prompt(instruction, "\n".join(p for p in (system, input_text) if p)), response)
+        content = user_content(instruction, input_text)
+        messages.append({"role": "user", "content": content})
+        return Example(render_prompt(tokenizer, messages, "chat"), response, user_texts=(content,))
+    user_texts = (instruction, input_text) if input_text else (instruction,)
+    return Example(alpaca_prompt(instruction, "\n".join(p for p in (system, input_text) if p)), response,
+                   user_texts=user_texts)
 
 
 def _from_alpaca(record: dict, tokenizer, template: str) -> Example:
@@ -198,7 +203,9 @@ def _conversation_example(messages: list[dict], tokenizer, template: str) -> Exa
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None or not any(m["role"] == "user" for m in messages[:last]):
         raise ValueError("a conversation needs a user turn followed by an assistant turn to learn from")
-    return Example(render_prompt(tokenizer, messages[:last], template), messages[last]["content"])
+    user_texts = tuple(m["content"] for m in messages[:last] if m["role"] == "user")
+    return Example(render_prompt(tokenizer, messages[:last], template), messages[last]["content"],
+                   user_texts=user_texts)
 
 
 def _from_text(record: dict, tokenizer, template: str) -> Example:
@@ -217,7 +224,7 @@ def tokenize_examples(examples: Iterable[Example], tokenizer, *, cutoff_len: int
     rows: list[Tokenized] = []
     stats = {"truncated": 0, "dropped": 0}
     for example in examples:
-        prompt_ids = tokenizer(example.prompt, add_special_tokens=False)["input_ids"] if example.prompt else []
+        prompt_ids, droppable = _prompt_tokens(example, tokenizer)
         response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
         if example.end_with_eos and eos is not None:
             response_ids = response_ids + [eos]
@@ -232,8 +239,31 @@ def tokenize_examples(examples: Iterable[Example], tokenizer, *, cutoff_len: int
         if all(label == -100 for label in labels):
             stats["dropped"] += 1  # the prompt alone fills CUTOFF_LEN: nothing left to learn
             continue
-        rows.append(Tokenized(list(ids), list(labels)))
+        rows.append(Tokenized(list(ids), list(labels), tuple(p for p in droppable if p < len(ids))))
     return rows, stats
+
+
+def _prompt_tokens(example: Example, tokenizer) -> tuple[list[int], tuple[int, ...]]:
+    """The prompt's ids, and the positions of the tokens that lie wholly inside the user's words.
+
+    The prompt is tokenized whole (the ids generation will see); the tokenizer's character offsets
+    say which tokens came from the user's text, so template and special tokens are never among them.
+    A tokenizer without offsets (a slow one) gives no positions: nothing is dropped then.
+    """
+    if not example.prompt:
+        return [], ()
+    spans, start = [], 0
+    for text in example.user_texts:
+        at = example.prompt.find(text, start) if text else -1
+        if at >= 0:
+            spans.append((at, at + len(text)))
+            start = at + len(text)
+    if not spans or not getattr(tokenizer, "is_fast", False):
+        return tokenizer(example.prompt, add_special_tokens=False)["input_ids"], ()
+    encoded = tokenizer(example.prompt, add_special_tokens=False, return_offsets_mapping=True)
+    droppable = tuple(i for i, (lo, hi) in enumerate(encoded["offset_mapping"])
+                      if hi > lo and any(a <= lo and hi <= b for a, b in spans))
+    return encoded["input_ids"], droppable
 
 
 def _windows(ids: list[int], size: int) -> list[list[int]]:

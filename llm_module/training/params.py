@@ -24,11 +24,12 @@ DEFAULTS = {
     "LORA_R": 16,
     "LORA_ALPHA": 32,
     "LORA_DROPOUT": 0.0,  # dropout masks cost ~15 % of a CPU step (bench/findings.md)
+    "PROMPT_DROPOUT": 0.15,  # share of the user's words left out of each row each epoch: prompt_dropout.py
     "WARMUP_STEPS": None,  # None: WARMUP_FRACTION of the optimizer steps
     "TARGET_MODULES": "all-linear",
 }
 SEED_DEFAULTS = {"MICRO_BATCH_SIZE": 4, "BATCH_SIZE": 128, "EPOCHS": 2, "LEARNING_RATE": 2e-5, "CUTOFF_LEN": 256,
-                 "LORA_R": 4, "LORA_ALPHA": 16, "LORA_DROPOUT": 0.05, "WARMUP_STEPS": 20}
+                 "LORA_R": 4, "LORA_ALPHA": 16, "LORA_DROPOUT": 0.05, "WARMUP_STEPS": 20, "PROMPT_DROPOUT": 0.0}
 WARMUP_FRACTION = 0.05
 MIN_STEPS_PER_EPOCH = 4  # fewer optimizer steps than this per epoch learns little from small data
 MAX_WARMUP_FRACTION = 0.2
@@ -39,7 +40,7 @@ TRAIN_OPTIONS = ("lora_config_kwargs", "training_args_kwargs", "data_format", "v
                  "prompt_template", "train_on_inputs", "seed", "check_forgetting", "replay", "base_dtype",
                  "protect_general")
 BASE_DTYPES = ("auto", "float32", "bfloat16")  # how the training copy holds the frozen base (trainer.py)
-DEFAULT_PROTECT_GENERAL = 0.99  # share of general inputs' energy the adapter is kept out of: protect.py
+DEFAULT_PROTECT_GENERAL = 0.995  # share of general inputs' energy the adapter is kept out of: protect.py
 DEFAULT_REPLAY = 0  # general examples (with the base model's own answers) mixed into the data: general.py
 RETAINED_TARGET = 0.9  # below this share of the base model's right general answers, the result warns
 
@@ -54,6 +55,7 @@ class TrainingParams:
     LORA_R: int
     LORA_ALPHA: float
     LORA_DROPOUT: float
+    PROMPT_DROPOUT: float
     WARMUP_STEPS: int | None
     TARGET_MODULES: str | list[str]
 
@@ -97,9 +99,11 @@ def resolve_params(training_params: dict | None) -> TrainingParams:
         values[key] = _positive(key, values[key], int)
     for key in ("EPOCHS", "LEARNING_RATE", "LORA_ALPHA"):
         values[key] = _positive(key, values[key], float)
-    dropout = values["LORA_DROPOUT"]
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise InvalidInput(f"LORA_DROPOUT must be a number in [0, 1), got {dropout!r}.")
+    for key in ("LORA_DROPOUT", "PROMPT_DROPOUT"):
+        share = values[key]
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+            raise InvalidInput(f"{key} must be a number in [0, 1) (0: off), got {share!r}.")
+        values[key] = float(share)
     if values["WARMUP_STEPS"] is not None:
         warmup = values["WARMUP_STEPS"]
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:

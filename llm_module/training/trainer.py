@@ -33,6 +33,7 @@ from .params import (
     plan_steps,
     resolve_params,
 )
+from .prompt_dropout import PromptDropout
 from .protect import GeneralSubspaceGuard, check_share, general_subspaces
 from .provenance import base_provenance
 from .report import write_loss_curve, write_training_log
@@ -41,16 +42,19 @@ log = logging.getLogger(__name__)
 
 
 class _Rows:
-    """The tokenized examples as the dict rows Trainer and its length grouping read."""
+    """The tokenized examples as the dict rows Trainer and its length grouping read (training rows with
+    this epoch's prompt dropout)."""
 
-    def __init__(self, rows: list[Tokenized]) -> None:
+    def __init__(self, rows: list[Tokenized], dropout: PromptDropout | None = None) -> None:
         self.rows = rows
+        self.dropout = dropout
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.rows[i].input_ids, "labels": self.rows[i].labels}
+        row = self.dropout.apply(self.rows[i], i) if self.dropout else self.rows[i]
+        return {"input_ids": row.input_ids, "labels": row.labels}
 
 
 def train_adapter(model, tokenizer, *, data_file: Path, output_dir: Path, training_params: dict | None,
@@ -315,14 +319,15 @@ def _trainer(peft_model, tokenizer, output_dir: Path, params: TrainingParams, pl
     on_cuda = next(peft_model.parameters()).device.type == "cuda"
     args = _training_arguments(output_dir, params, plan, bool(eval_rows), seed, show_progress, on_cuda, cpu_bf16,
                                overrides)
+    dropout = PromptDropout(params.PROMPT_DROPOUT, seed) if params.PROMPT_DROPOUT else None
     trainer = ResponseLossTrainer(
         model=peft_model,
         args=args,
-        train_dataset=_Rows(train_rows),
+        train_dataset=_Rows(train_rows, dropout),
         eval_dataset=_Rows(eval_rows) if eval_rows else None,
         data_collator=PaddingCollator(tokenizer.pad_token_id, multiple_of=8 if on_cuda else 1),
         processing_class=tokenizer,
-        callbacks=[monitor],
+        callbacks=[monitor] + ([dropout] if dropout else []),
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict when the progress bar is off
     return trainer
