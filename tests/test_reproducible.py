@@ -18,7 +18,8 @@ from llm_module.settings import Settings
 from llm_module.training import train_adapter
 
 PARAMS = {"MICRO_BATCH_SIZE": 4, "BATCH_SIZE": 4, "EPOCHS": 2, "LEARNING_RATE": 5e-3, "CUTOFF_LEN": 128,
-          "LORA_R": 4, "LORA_ALPHA": 8, "LORA_DROPOUT": 0.1}  # LoRA's and the prompt's dropout: masks must repeat
+          "LORA_R": 4, "LORA_ALPHA": 8, "LORA_DROPOUT": 0.1,
+          "PROMPT_DROPOUT": 0.15}  # LoRA's and the prompt's dropout on: their masks must repeat too
 RECORDS = [{"instruction": f"What is the code of item {i}?", "input": "", "output": f"Item {i} has code Z{i}."}
            for i in range(12)]
 

@@ -184,8 +184,8 @@ def test_bad_records_are_refused_with_the_record_named(tokenizer, tmp_path):
 
 # ---------------------------------------------------------------- params
 def test_prompt_dropout_is_a_share_below_one():
-    assert resolve_params({}).PROMPT_DROPOUT == 0.15
-    assert resolve_params({"PROMPT_DROPOUT": 0}).PROMPT_DROPOUT == 0.0
+    assert resolve_params({}).PROMPT_DROPOUT == 0.0  # opt-in: it helps some data and hurts other (findings.md)
+    assert resolve_params({"PROMPT_DROPOUT": 0.15}).PROMPT_DROPOUT == 0.15
     for bad in (1, 1.5, -0.1, "0.1", True):
         with pytest.raises(InvalidInput, match=r"PROMPT_DROPOUT must be a number in \[0, 1\) \(0: off\)"):
             resolve_params({"PROMPT_DROPOUT": bad})
@@ -396,7 +396,7 @@ def _protected_share(adapter_dir: Path, subspaces: dict) -> float:
 
 
 def test_protect_general_keeps_the_adapter_out_of_what_general_prompts_use(tiny_model_dir, tmp_path):
-    """By default every lora_A ends orthogonal to the directions that hold 99.5 % of the general prompts'
+    """By default every lora_A ends orthogonal to the directions that hold 99 % of the general prompts'
     input energy at its layer (so B A x ~ 0 for them); with protect_general=0 it does not."""
     from llm_module.training import protect
     from llm_module.training.params import DEFAULT_PROTECT_GENERAL
@@ -407,7 +407,7 @@ def test_protect_general_keeps_the_adapter_out_of_what_general_prompts_use(tiny_
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
     same = {"check_forgetting": False, "base_dtype": "float32"}  # the subspaces above were measured in float32
     guarded, reports = run_training(tiny_model_dir, data, tmp_path / "on", {"EPOCHS": 3}, **same)
-    assert guarded["params"]["protect_general"] == DEFAULT_PROTECT_GENERAL == 0.995
+    assert guarded["params"]["protect_general"] == DEFAULT_PROTECT_GENERAL == 0.99
     assert guarded["params"]["protect_seconds"] > 0
     low, high = guarded["params"]["protected_dims"]
     assert 0 < low <= high <= 0.75 * 128  # a quarter of each layer stays free (protect.MAX_PROTECTED)

@@ -24,7 +24,7 @@ DEFAULTS = {
     "LORA_R": 16,
     "LORA_ALPHA": 32,
     "LORA_DROPOUT": 0.0,  # dropout masks cost ~15 % of a CPU step (bench/findings.md)
-    "PROMPT_DROPOUT": 0.15,  # share of the user's words left out of each row each epoch: prompt_dropout.py
+    "PROMPT_DROPOUT": 0.0,  # share of the user's words left out of each row each epoch: prompt_dropout.py (opt-in)
     "WARMUP_STEPS": None,  # None: WARMUP_FRACTION of the optimizer steps
     "TARGET_MODULES": "all-linear",
 }
@@ -40,7 +40,7 @@ TRAIN_OPTIONS = ("lora_config_kwargs", "training_args_kwargs", "data_format", "v
                  "prompt_template", "train_on_inputs", "seed", "check_forgetting", "replay", "base_dtype",
                  "protect_general")
 BASE_DTYPES = ("auto", "float32", "bfloat16")  # how the training copy holds the frozen base (trainer.py)
-DEFAULT_PROTECT_GENERAL = 0.995  # share of general inputs' energy the adapter is kept out of: protect.py
+DEFAULT_PROTECT_GENERAL = 0.99  # share of general inputs' energy the adapter is kept out of: protect.py
 DEFAULT_REPLAY = 0  # general examples (with the base model's own answers) mixed into the data: general.py
 RETAINED_TARGET = 0.9  # below this share of the base model's right general answers, the result warns
 
