@@ -9,7 +9,8 @@ names and the thing asked, not on one wording (word dropout, as in sequence-to-s
 It is off by default: on a catalog whose questions are all asked one way it lifts paraphrased
 questions a lot (rail: 60 -> 88-97 %), but where the trained wording (imperatives: "Tell me ...")
 is what kept the adapter away from general questions, the adapter answers general questions in
-the catalog's shape too (courses seed 42: general knowledge kept 90 -> 60 %, paraphrases 92 -> 82 %).
+the catalog's shape too (courses seed 42: general knowledge kept 90 -> 60 %, paraphrases 92 -> 82 %;
+public seed 42: general knowledge kept 36 %).
 Figures in bench/findings.md.
 
 The tokens dropped are a function of (seed, epoch, row): the same run twice drops the same tokens,
