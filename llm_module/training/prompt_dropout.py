@@ -13,8 +13,9 @@ the catalog's shape too (courses seed 42: general knowledge kept 90 -> 60 %, par
 public seed 42: general knowledge kept 36 %).
 Figures in bench/findings.md.
 
-The tokens dropped are a function of (seed, epoch, row): the same run twice drops the same tokens,
-and a resumed run drops what the uninterrupted run would have.
+The tokens dropped are a function of (seed, epoch, row) alone, not of how many rows were read
+before: the same run twice drops the same tokens. (A resumed run is not bit-identical to an
+uninterrupted one, with or without prompt dropout: bench/findings.md.)
 """
 
 from __future__ import annotations
