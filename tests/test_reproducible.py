@@ -24,7 +24,7 @@ RECORDS = [{"instruction": f"What is the code of item {i}?", "input": "", "outpu
            for i in range(12)]
 
 
-def _train(model_dir: Path, data: Path, out: Path, *, seed: int, disturb: int,
+def _train(model_dir: Path, data: Path, out: Path, *, seed: int, disturb: int, resume: bool | str = False,
            **options) -> tuple[dict, list[dict]]:
     import torch
     from safetensors.torch import load_file
@@ -32,7 +32,7 @@ def _train(model_dir: Path, data: Path, out: Path, *, seed: int, disturb: int,
     torch.rand(disturb)  # other work in the process moves the global generator: it must not matter
     loaded = load_model(str(model_dir), models_dir=Settings().models_dir)
     result = train_adapter(loaded.model, loaded.tokenizer, data_file=data, output_dir=out, training_params=PARAMS,
-                           resume_from_checkpoint=False, progress=lambda _: None, cancel=threading.Event(),
+                           resume_from_checkpoint=resume, progress=lambda _: None, cancel=threading.Event(),
                            base_model_name="tiny", show_progress=False, seed=seed, check_forgetting=False,
                            val_set_size=2, **options)
     steps = json.loads((out / "training_log.json").read_text())["steps"]
@@ -52,6 +52,25 @@ def test_same_seed_gives_the_same_adapter_bit_for_bit(tiny_model_dir, tmp_path):
     other, other_steps = _train(tiny_model_dir, data, tmp_path / "c", seed=8, disturb=3)
     assert any(not torch.equal(first[k], other[k]) for k in first)  # the seed is what decides
     assert other_steps[0]["grad_norm"] != first_steps[0]["grad_norm"]
+
+
+def test_a_run_resumed_mid_epoch_ends_with_the_uninterrupted_runs_adapter(tiny_model_dir, tmp_path):
+    """Trainer drew each epoch's order from the global generator before restoring the checkpoint's
+    generator state, so a run resumed mid-epoch trained the rest of that epoch in another order
+    (sampler.py). 10 training rows in batches of 4: 3 steps an epoch, checkpoint-4 is mid epoch 2."""
+    import shutil
+
+    import torch
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    every_4 = {"training_args_kwargs": {"save_strategy": "steps", "save_steps": 4, "save_total_limit": None}}
+    whole, whole_steps = _train(tiny_model_dir, data, tmp_path / "a", seed=9, disturb=1, **every_4)
+    shutil.copytree(tmp_path / "a" / "checkpoint-4", tmp_path / "b" / "checkpoint-4")
+    resumed, resumed_steps = _train(tiny_model_dir, data, tmp_path / "b", seed=9, disturb=5, resume=True, **every_4)
+    assert [s["step"] for s in resumed_steps] == [s["step"] for s in whole_steps] == list(range(1, 7))
+    assert [s["loss"] for s in resumed_steps[4:]] == [s["loss"] for s in whole_steps[4:]]
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
 @pytest.mark.parametrize("threads", [1])

@@ -5,11 +5,16 @@ vocabulary cost a fifth or more of each step. With the loss on the response only
 positions are prompt, so the logits are computed from the first labelled position of
 the batch onward (``logits_to_keep``); the result is the same loss, faster and with less
 memory than logits for every position.
+
+Its rows come in an order drawn from (seed, epoch) alone (sampler.py), so a resumed run trains
+what the uninterrupted one would have.
 """
 
 from __future__ import annotations
 
 from transformers import Trainer
+
+from .sampler import epoch_seeded
 
 
 def first_labelled_position(labels) -> int:
@@ -22,6 +27,9 @@ def first_labelled_position(labels) -> int:
 
 
 class ResponseLossTrainer(Trainer):
+    def _get_train_sampler(self, train_dataset=None):
+        return epoch_seeded(super()._get_train_sampler(train_dataset), self.args.seed)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         import torch.nn.functional as F
 

@@ -156,7 +156,8 @@ class GeneralSubspaceGuard(TrainerCallback):
                     weight.copy_(part)  # (A V) V^T, V the complement's basis: the same matrix
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.project()
+        if state.global_step == 0:  # a resumed run's weights are the checkpoint's, projected as the run left them
+            self.project()
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % PROJECT_EVERY == 0:
