@@ -14,8 +14,8 @@ public seed 42: general knowledge kept 36 %).
 Figures in bench/findings.md.
 
 The tokens dropped are a function of (seed, epoch, row) alone, not of how many rows were read
-before: the same run twice drops the same tokens. (A resumed run is not bit-identical to an
-uninterrupted one, with or without prompt dropout: bench/findings.md.)
+before: the same run twice drops the same tokens, and a resumed run drops what the uninterrupted
+one would have.
 """
 
 from __future__ import annotations
