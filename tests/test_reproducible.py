@@ -57,7 +57,8 @@ def test_same_seed_gives_the_same_adapter_bit_for_bit(tiny_model_dir, tmp_path):
 def test_a_run_resumed_mid_epoch_ends_with_the_uninterrupted_runs_adapter(tiny_model_dir, tmp_path):
     """Trainer drew each epoch's order from the global generator before restoring the checkpoint's
     generator state, so a run resumed mid-epoch trained the rest of that epoch in another order
-    (sampler.py). 10 training rows in batches of 4: 3 steps an epoch, checkpoint-4 is mid epoch 2."""
+    (sampler.py); and the general-subspace guard projected the checkpoint's lora_A again at train
+    begin (protect.py). 10 training rows in batches of 4: 3 steps an epoch, checkpoint-4 is mid epoch 2."""
     import shutil
 
     import torch
