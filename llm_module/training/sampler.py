@@ -25,7 +25,6 @@ class EpochSeededLengthSampler(LengthGroupedSampler):
 
     def set_epoch(self, epoch: int) -> None:
         """Trainer (through accelerate) calls this before each epoch's iterator, resumed or not."""
-        self.epoch = epoch
         self.generator = torch.Generator().manual_seed(random.Random(f"{self.seed}:{epoch}").getrandbits(63))
 
 
