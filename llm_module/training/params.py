@@ -25,11 +25,13 @@ DEFAULTS = {
     "LORA_ALPHA": 32,
     "LORA_DROPOUT": 0.0,  # dropout masks cost ~15 % of a CPU step (bench/findings.md)
     "PROMPT_DROPOUT": 0.0,  # share of the user's words left out of each row each epoch: prompt_dropout.py (opt-in)
+    "WEIGHT_DECAY": 1.0,  # AdamW's decoupled decay of the LoRA weights: what the data does not hold up fades
     "WARMUP_STEPS": None,  # None: WARMUP_FRACTION of the optimizer steps
     "TARGET_MODULES": "all-linear",
 }
 SEED_DEFAULTS = {"MICRO_BATCH_SIZE": 4, "BATCH_SIZE": 128, "EPOCHS": 2, "LEARNING_RATE": 2e-5, "CUTOFF_LEN": 256,
-                 "LORA_R": 4, "LORA_ALPHA": 16, "LORA_DROPOUT": 0.05, "WARMUP_STEPS": 20, "PROMPT_DROPOUT": 0.0}
+                 "LORA_R": 4, "LORA_ALPHA": 16, "LORA_DROPOUT": 0.05, "WARMUP_STEPS": 20, "PROMPT_DROPOUT": 0.0,
+                 "WEIGHT_DECAY": 0.0}
 WARMUP_FRACTION = 0.05
 MIN_STEPS_PER_EPOCH = 4  # fewer optimizer steps than this per epoch learns little from small data
 MAX_WARMUP_FRACTION = 0.2
@@ -56,6 +58,7 @@ class TrainingParams:
     LORA_ALPHA: float
     LORA_DROPOUT: float
     PROMPT_DROPOUT: float
+    WEIGHT_DECAY: float
     WARMUP_STEPS: int | None
     TARGET_MODULES: str | list[str]
 
@@ -104,6 +107,10 @@ def resolve_params(training_params: dict | None) -> TrainingParams:
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
             raise InvalidInput(f"{key} must be a number in [0, 1) (0: off), got {share!r}.")
         values[key] = float(share)
+    decay = values["WEIGHT_DECAY"]
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0:
+        raise InvalidInput(f"WEIGHT_DECAY must be a number >= 0 (0: off), got {decay!r}.")
+    values["WEIGHT_DECAY"] = float(decay)
     if values["WARMUP_STEPS"] is not None:
         warmup = values["WARMUP_STEPS"]
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:

@@ -286,7 +286,7 @@ def _training_arguments(output_dir: Path, params: TrainingParams, plan: StepPlan
         "learning_rate": params.LEARNING_RATE,
         "warmup_steps": plan.warmup_steps,
         "lr_scheduler_type": "cosine",
-        "weight_decay": 0.0,
+        "weight_decay": params.WEIGHT_DECAY,
         "logging_steps": 1,
         "save_strategy": "epoch",
         "save_total_limit": 2,
