@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ..prompts import render_prompt
+from .params import DEFAULT_PROTECT_GENERAL, DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def forgetting_warning(report: dict, threshold: float) -> str | None:
     names = "; ".join(item["question"] for item in report["lost"][:3])
     return (f"The adapter answers {report['adapter_right']} of the {report['base_right']} general questions the base "
             f"model answers right ({retained:.0%} retained; e.g. lost: {names}). It has forgotten some general "
-            "knowledge: keep protect_general on (default 0.99; a higher share such as 0.995 protects more), raise "
-            "WEIGHT_DECAY (default 1.0; 3 keeps more), train for fewer EPOCHS or at a lower LEARNING_RATE, or mix "
-            "general examples into the data with replay=N (the base model's own answers to N general prompts, up to "
-            "48).")
+            f"knowledge: keep protect_general on (default {DEFAULT_PROTECT_GENERAL}; a higher share such as 0.995 "
+            f"protects more), raise WEIGHT_DECAY (default {DEFAULTS['WEIGHT_DECAY']}; 3 keeps more), train for "
+            "fewer EPOCHS or at a lower LEARNING_RATE, or mix general examples into the data with replay=N (the base "
+            "model's own answers to N general prompts, up to 48).")
