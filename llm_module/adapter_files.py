@@ -132,6 +132,27 @@ def read_config(adapter_dir: Path) -> dict:
     return config
 
 
+# LoRA initialisations that rewrite the base model's weights (peft subtracts the adapter's starting
+# product from them): the adapter then fits only that rewritten copy, never the shared served base.
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def unservable_reason(config: dict, *, packed_base: bool) -> str | None:
+    """Why an adapter with this LoRA config cannot be served on the base model, or None.
+
+    ``packed_base``: the served base keeps its weights packed in int4/int8 (runtime/quantize.py).
+    llm.train asks before it trains and load_adapter before it touches the model.
+    """
+    if config.get("use_dora") and packed_base:
+        return ("DoRA (use_dora) needs the base model's full-precision weights (it rescales every output by the "
+                "norm of the whole merged weight), and this base model is served with packed int4/int8 weights.")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        return (f"init_lora_weights={init!r} rewrites the base model's weights when the adapter is made, so the "
+                "adapter fits only that rewritten copy, not the served base model.")
+    return None
+
+
 def read_weights(adapter_dir: Path, *, allow_pickle: bool = False) -> dict:
     """The adapter's tensors, read in full before any of them touches the model.
 

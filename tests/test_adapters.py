@@ -201,6 +201,46 @@ def test_adapter_for_another_base_model_is_refused(engine, tiny_adapter_dir, tmp
     assert _text(engine, adapter="good") == good
 
 
+def _dora_adapter(model_dir, target):
+    """peft's own DoRA adapter for this base model (random B, so it changes the output), and peft's greedy text."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(model_dir)), config).eval()
+    peft_model.save_pretrained(str(target))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = peft_model.generate(ids, max_new_tokens=GREEDY["max_new_tokens"], do_sample=False)
+    return target, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_dora_adapter_serves_over_unpacked_weights_as_peft_runs_it(engine, tiny_model_dir, tmp_path):
+    dora, expected = _dora_adapter(tiny_model_dir, tmp_path / "dora")
+    engine.load_adapter(str(dora), "dora")
+    assert _text(engine, adapter="dora") == expected != _text(engine)
+
+
+def test_dora_adapter_is_refused_by_name_over_packed_weights_and_the_served_ones_stay(
+        tiny_model_dir, tiny_adapter_dir, tmp_path):
+    """Over int4 weights peft's DoRA cannot read the base weight: refused as DoRA, not as 'another base model'."""
+    dora, _ = _dora_adapter(tiny_model_dir, tmp_path / "dora")
+    packed = Engine(state_file=StateFile(tmp_path / "state.json"))
+    try:
+        packed.setup(str(tiny_model_dir), quantize="int4")
+        packed.load_adapter(str(tiny_adapter_dir), "good")
+        good = _text(packed, adapter="good")
+        with pytest.raises(InvalidInput, match=r"DoRA \(use_dora\) needs the base model's full-precision") as refused:
+            packed.load_adapter(str(dora), "dora")
+        assert "another base model" not in str(refused.value) and "quantize='none'" in str(refused.value)
+        assert [a["name"] for a in packed.list_adapters()] == ["good"]
+        assert _text(packed, adapter="good") == good
+    finally:
+        packed.close()
+
+
 def test_reload_remembered_brings_back_adapters_of_the_same_model(tiny_model_dir, two_adapters, tmp_path):
     first, second = two_adapters
     state = StateFile(tmp_path / "state.json")

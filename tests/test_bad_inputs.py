@@ -131,6 +131,9 @@ CASES = [
          "Did you mean 'EPOCHS'"),
     Case("train-unknown-option", "train", {"data_file": "good.json", "output_dir": "o", "val_set_sise": 2},
          "Did you mean 'val_set_size'"),
+    Case("train-base-rewriting-init", "train",
+         {"data_file": "good.json", "output_dir": "o", "lora_config_kwargs": {"init_lora_weights": "pissa"}},
+         "rewrites the base model's weights"),
     Case("train-bad-resume", "train", {"data_file": "good.json", "output_dir": "o", "resume_from_checkpoint": 3},
          "resume_from_checkpoint must be true, false or a checkpoint path"),
     Case("train-into-foreign-folder", "train", {"data_file": "good.json", "output_dir": "occupied"},
@@ -188,7 +191,7 @@ FIXES = {
     "train-escape-data": "give a path inside it", "train-escape-output": "give a path inside it",
     "evaluate-missing-file": "check the path", "evaluate-unknown-adapter": "Load it with llm.load_adapter",
     "evaluate-malformed": "holds an array of records", "job-unknown-id": "list_jobs() shows the known ones",
-    "job-cancel-unknown": "list_jobs() shows the known ones",
+    "job-cancel-unknown": "list_jobs() shows the known ones", "train-base-rewriting-init": "Leave that setting out",
 }
 
 

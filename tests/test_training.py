@@ -348,6 +348,40 @@ def test_evaluate_base_and_adapters_through_the_engine(engine, tmp_path):
         engine.evaluate(data, batch_sise=2)
 
 
+def test_background_train_refuses_bad_settings_before_a_job_starts(engine, tmp_path):
+    """A setting llm.train would refuse inside the job is refused by the call itself: no job, no folder."""
+    data = str(write_jsonl(tmp_path / "d.jsonl", ALPACA))
+    bad = [({"lora_config_kwargs": {"init_lora_weights": "pissa"}}, "rewrites the base model's weights"),
+           ({"val_set_sise": 2}, "val_set_size"), ({"training_params": {"EPOCHS": 0}}, "EPOCHS")]
+    jobs_before = engine.list_jobs()
+    for extra, phrase in bad:
+        with pytest.raises(InvalidInput, match=phrase):
+            engine.train(data, str(tmp_path / "never"), background=True, **extra)
+    assert engine.list_jobs() == jobs_before and not (tmp_path / "never").exists()
+
+
+def test_dora_trains_and_serves_over_unpacked_weights_and_is_refused_up_front_over_packed(engine, tiny_model_dir,
+                                                                                        tmp_path):
+    """The DoRA round trip: over packed int4 weights its adapter could not load, so llm.train refuses it first."""
+    from llm_module.engine import Engine
+    from llm_module.engine.state import StateFile
+
+    data = str(write_jsonl(tmp_path / "d.jsonl", ALPACA))
+    dora = {"lora_config_kwargs": {"use_dora": True}, "training_args_kwargs": {"max_steps": 2}}
+    result = engine.train(data, str(tmp_path / "dora"), FAST, **dora)
+    assert result["adapter"] == "dora" and engine.generate("hello", adapter="dora", max_new_tokens=3)
+    assert json.loads((Path(result["adapter_dir"]) / "adapter_config.json").read_text())["use_dora"] is True
+    packed = Engine(state_file=StateFile(tmp_path / "packed.json"))
+    try:
+        packed.setup(str(tiny_model_dir), quantize="int4")
+        jobs_before = packed.list_jobs()
+        with pytest.raises(InvalidInput, match=r"full-precision weights.*quantize='none'"):
+            packed.train(data, str(tmp_path / "never"), FAST, background=True, **dora)
+        assert packed.list_jobs() == jobs_before and not (tmp_path / "never").exists()
+    finally:
+        packed.close()
+
+
 def test_background_job_reports_progress_serves_meanwhile_and_cancels(engine, tmp_path):
     data = str(write_jsonl(tmp_path / "d.jsonl", ALPACA * 8))
     started = engine.train(data, str(tmp_path / "bg"), {**FAST, "EPOCHS": 20}, background=True)

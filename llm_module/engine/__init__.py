@@ -234,6 +234,7 @@ class Engine:
         self.ensure_ready()
         return self.training.train(setup_args=self.host.args, base_model_name=self.host.loaded.name,
                                    live_adapter_dirs={n: i.path for n, i in self.adapters.infos.items()},
+                                   packed_base=self.host.patches.quantize != "none",
                                    data_file=data_file, output_dir=output_dir, training_params=training_params,
                                    resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..adapter_files import AdapterInfo, read_config, read_info, read_weights
+from ..adapter_files import AdapterInfo, read_config, read_info, read_weights, unservable_reason
 from ..errors import Conflict, InvalidInput, NotFound, suggest
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class AdapterRegistry:
         if name in self.infos and not replace:
             raise Conflict(f"An adapter named {name!r} is already loaded; unload it first or pick another name.")
         info = read_info(name, adapter_dir)
-        config = _lora_config(adapter_dir)
+        config = _lora_config(adapter_dir, packed_base=has_packed_weights(model))
         weights = read_weights(adapter_dir, allow_pickle=self.allow_pickle)
         if name in self.infos:  # a reload: prove the new weights load before the old ones go
             self._inject(model, STAGING, config, weights, adapter_dir)
@@ -131,9 +131,11 @@ class AdapterRegistry:
             if isinstance(exc, InvalidInput):
                 raise
             hint = str(exc).splitlines()[0][:300]
+            trained_on = getattr(config, "base_model_name_or_path", None) or "named in its adapter_config.json"
             raise InvalidInput(
-                f"Adapter {str(adapter_dir)!r} does not fit the loaded base model ({hint}). It was probably "
-                "trained for another base model: load that model with llm.setup, or retrain on this one."
+                f"Adapter {str(adapter_dir)!r} does not fit the loaded base model ({hint}); its shapes say it was "
+                f"trained for another base model ({trained_on}): load that model with llm.setup, or retrain on "
+                "this one."
             ) from exc
         self.peft_model.eval()
 
@@ -160,10 +162,22 @@ class AdapterRegistry:
         peft_model.delete_adapter(name)
 
 
-def _lora_config(adapter_dir: Path):
+def has_packed_weights(model) -> bool:
+    from ..runtime.quantize import WeightOnlyLinear
+
+    return any(isinstance(module, WeightOnlyLinear) for module in model.modules())
+
+
+def _lora_config(adapter_dir: Path, *, packed_base: bool):
     from peft import LoraConfig
 
     raw = read_config(adapter_dir)
+    reason = unservable_reason(raw, packed_base=packed_base)
+    if reason:
+        fix = ("load the base model unpacked (llm.setup(..., quantize='none')) to serve it, or "
+               if raw.get("use_dora") else "")
+        raise InvalidInput(f"Adapter {str(adapter_dir)!r} cannot be loaded: {reason} To use it, {fix}merge it into "
+                           "its base model (peft's merge_and_unload) and load the merged folder with llm.setup.")
     try:
         config = LoraConfig.from_pretrained(str(adapter_dir))
     except (TypeError, ValueError) as exc:

@@ -46,9 +46,10 @@ class TrainingRuns:
     def train(self, *, setup_args: dict, base_model_name: str, live_adapter_dirs: dict[str, str], data_file: str,
               output_dir: str, training_params: dict | None = None, resume_from_checkpoint: bool | str = False,
               adapter_name: str | None = None, background: bool = False, job_id: str | None = None,
-              **kwargs: Any) -> dict:
+              packed_base: bool = False, **kwargs: Any) -> dict:
         from ..training import check_output_dir, train_adapter
         from ..training.distributed import pop_launch_options, train_distributed
+        from ..training.params import check_options, resolve_params
 
         # What resuming this run as a job needs: the call as it was made (paths as the caller gave them).
         call = {"data_file": data_file, "output_dir": output_dir, "training_params": training_params,
@@ -75,6 +76,9 @@ class TrainingRuns:
                 raise Conflict(f"Job {job.id} is already training into {output_dir!r}; wait or cancel it.")
         params = {"data_file": str(data_path), "output_dir": str(out_path), "adapter_name": name, "call": call}
         show_progress = kwargs.pop("show_progress", not background)
+        # A bad option or setting is refused now, not by a background job minutes later.
+        check_options(kwargs, packed_base=packed_base)
+        resolve_params(training_params)
         common = {"data_file": data_path, "output_dir": out_path, "training_params": training_params,
                   "resume_from_checkpoint": resume_from_checkpoint, "base_model_name": base_model_name,
                   "show_progress": show_progress, **kwargs}

@@ -16,7 +16,7 @@ are freed when the serving core goes idle (``release_tables``).
 plus that product), and it puts peft's own forward back on exit; peft still owns loading, naming
 and unloading the weights. Models whose LoRA layers do something else (DoRA, biases, embedding
 LoRA, modules_to_save) cannot be stacked: ``can_stack`` says so and the runner uses peft's
-``adapter_names`` path for them.
+``adapter_names`` path for them (DoRA only over unpacked weights: ``adapter_files.unservable_reason``).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from ..adapter_files import unservable_reason
 from ..errors import InvalidInput, suggest
 
 # Chosen on the catalog benchmark (bench/catalog_accuracy.py, docs/training.md): facts are
@@ -76,13 +77,20 @@ class StepPlan:
     warnings: list[str]
 
 
-def check_options(kwargs: dict) -> None:
-    """Refuse keys llm.train does not know, naming the close ones."""
+def check_options(kwargs: dict, *, packed_base: bool = False) -> None:
+    """Refuse keys llm.train does not know, naming the close ones, and LoRA settings the engine cannot serve
+    (``packed_base``: the served base model's weights are packed, see adapter_files.unservable_reason)."""
     for key in kwargs:
         if key not in TRAIN_OPTIONS:
             raise InvalidInput(f"llm.train got an unknown option {key!r}.{suggest(key, TRAIN_OPTIONS)} "
                                f"It takes: data_file, output_dir, training_params, resume_from_checkpoint, "
                                f"adapter_name, background, show_progress, {', '.join(TRAIN_OPTIONS)}.")
+    lora = kwargs.get("lora_config_kwargs")
+    reason = unservable_reason(lora, packed_base=packed_base) if isinstance(lora, dict) else None
+    if reason:  # refused now, not after a run whose adapter would not load
+        unpack = " or load the base model with llm.setup(..., quantize='none') first" if lora.get("use_dora") else ""
+        raise InvalidInput(f"lora_config_kwargs: {reason} Leave that setting out (llm.train's default trains a plain "
+                           f"LoRA adapter, which the engine serves){unpack}.")
 
 
 def resolve_params(training_params: dict | None) -> TrainingParams:
