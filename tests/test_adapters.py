@@ -217,10 +217,22 @@ def _dora_adapter(model_dir, target):
     return target, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def test_dora_adapter_serves_over_unpacked_weights_as_peft_runs_it(engine, tiny_model_dir, tmp_path):
+def test_dora_adapter_serves_over_unpacked_weights_as_peft_runs_it_mixed_or_alone(engine, tiny_model_dir,
+                                                                                   tiny_adapter_dir, tmp_path):
     dora, expected = _dora_adapter(tiny_model_dir, tmp_path / "dora")
     engine.load_adapter(str(dora), "dora")
-    assert _text(engine, adapter="dora") == expected != _text(engine)
+    engine.load_adapter(str(tiny_adapter_dir), "good")
+    alone = {name: _text(engine, adapter=name) for name in ("dora", "good", "base")}
+    assert alone["dora"] == expected and len(set(alone.values())) == 3
+    results: dict = {}
+    names = ["dora", "good", "base"] * 3  # one batch of rows with and without DoRA: peft's adapter_names path
+    threads = [threading.Thread(target=lambda i, n: results.update({i: (n, _text(engine, adapter=n))}), args=(i, n))
+               for i, n in enumerate(names)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(len(names))) and all(alone[n] == text for n, text in results.values())
 
 
 def test_dora_adapter_is_refused_by_name_over_packed_weights_and_the_served_ones_stay(

@@ -231,10 +231,12 @@ class Engine:
     # ================================================================== training and evaluation
     def train(self, data_file: str, output_dir: str, training_params: dict | None = None,
               resume_from_checkpoint: bool | str = False, **kwargs: Any) -> dict:
+        from ..runtime.quantize import has_packed_weights
+
         self.ensure_ready()
         return self.training.train(setup_args=self.host.args, base_model_name=self.host.loaded.name,
                                    live_adapter_dirs={n: i.path for n, i in self.adapters.infos.items()},
-                                   packed_base=self.host.patches.quantize != "none",
+                                   packed_base=has_packed_weights(self.host.loaded.model),
                                    data_file=data_file, output_dir=output_dir, training_params=training_params,
                                    resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 

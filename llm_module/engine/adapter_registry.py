@@ -86,6 +86,8 @@ class AdapterRegistry:
         """Load the adapter in ``adapter_dir`` as ``name`` onto ``model`` (the base model)."""
         if name in self.infos and not replace:
             raise Conflict(f"An adapter named {name!r} is already loaded; unload it first or pick another name.")
+        from ..runtime.quantize import has_packed_weights
+
         info = read_info(name, adapter_dir)
         config = _lora_config(adapter_dir, packed_base=has_packed_weights(model))
         weights = read_weights(adapter_dir, allow_pickle=self.allow_pickle)
@@ -160,12 +162,6 @@ class AdapterRegistry:
         if peft_model.active_adapter == name:
             peft_model.set_adapter(next(n for n in peft_model.peft_config if n != name))
         peft_model.delete_adapter(name)
-
-
-def has_packed_weights(model) -> bool:
-    from ..runtime.quantize import WeightOnlyLinear
-
-    return any(isinstance(module, WeightOnlyLinear) for module in model.modules())
 
 
 def _lora_config(adapter_dir: Path, *, packed_base: bool):

@@ -356,6 +356,11 @@ def packed_cache_file(source: str | None, mode: str, cache_root: Path, dense: bo
 
 
 
+def has_packed_weights(model: nn.Module) -> bool:
+    """True when some linear layer holds its weight packed (what peft's DoRA cannot read)."""
+    return any(isinstance(module, WeightOnlyLinear) for module in model.modules())
+
+
 def parameter_count(model: nn.Module) -> int:
     """Parameters as the unpacked model has them (packed int4 weights hold two per byte; a tied head's
     packed copy is the embedding's parameters again, counted once as the unpacked model does)."""
