@@ -219,6 +219,36 @@ def test_weight_decay_shrinks_what_the_data_does_not_hold_up(tiny_model_dir, tmp
     assert norms[3.0]["lora_B"] < norms[0.0]["lora_B"]
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_response_loss_is_the_full_cross_entropy_and_honours_label_smoothing(tiny_model_dir, tmp_path, smoothing):
+    """The loss on the labelled positions alone equals cross-entropy over the full logits, smoothed as asked."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from llm_module.training.loss import ResponseLossTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # peaked predictions (a random model's are near uniform): smoothing shows
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                             label_smoothing_factor=smoothing)
+    trainer = ResponseLossTrainer(model=model, args=args)
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[0, 7:], labels[1, 5:10] = ids[0, 7:], ids[1, 5:10]  # responses at different places
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                            "labels": labels})
+        logits = model(input_ids=ids).logits[:, :-1]
+        expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100, label_smoothing=smoothing)
+        plain = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    if smoothing:
+        assert abs(loss.item() - plain.item()) > 1e-3 * plain.item()  # the factor is not dropped
+
+
 def test_seed_recipe_on_small_data_is_adjusted_and_explained():
     plan = plan_steps(resolve_params(SEED_DEFAULTS), n_train=10)
     assert plan.accumulation == 1 and plan.steps_per_epoch == 3  # not one step per epoch

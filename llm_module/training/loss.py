@@ -4,7 +4,8 @@ The LM head (576 x 49152 on the default model) and the cross-entropy over the wh
 vocabulary cost a fifth or more of each step. With the loss on the response only, most
 positions are prompt, so the logits are computed from the first labelled position of
 the batch onward (``logits_to_keep``); the result is the same loss, faster and with less
-memory than logits for every position.
+memory than logits for every position. ``label_smoothing_factor`` (a TrainingArguments field a
+caller may set through training_args_kwargs) applies here, as Trainer's own loss would apply it.
 
 Its rows come in an order drawn from (seed, epoch) alone (sampler.py), so a resumed run trains
 what the uninterrupted one would have.
@@ -41,7 +42,7 @@ class ResponseLossTrainer(Trainer):
         logits = outputs.logits[:, :-1].float()  # position i predicts token i + 1
         target = labels[:, start + 1:]
         total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                                reduction="sum")
+                                reduction="sum", label_smoothing=self.args.label_smoothing_factor)
         if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
             count = num_items_in_batch  # Trainer counts the tokens of all accumulated micro-batches
         else:
