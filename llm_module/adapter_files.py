@@ -145,7 +145,8 @@ def unservable_reason(config: dict, *, packed_base: bool) -> str | None:
     """
     if config.get("use_dora") and packed_base:
         return ("DoRA (use_dora) needs the base model's full-precision weights (it rescales every output by the "
-                "norm of the whole merged weight), and this base model is served with packed int4/int8 weights.")
+                "norm of the whole merged weight), and this base model is served with packed int4/int8 weights: "
+                "load it unpacked with llm.setup(..., quantize='none') to use DoRA.")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
         return (f"init_lora_weights={init!r} rewrites the base model's weights when the adapter is made, so the "

@@ -170,10 +170,8 @@ def _lora_config(adapter_dir: Path, *, packed_base: bool):
     raw = read_config(adapter_dir)
     reason = unservable_reason(raw, packed_base=packed_base)
     if reason:
-        fix = ("load the base model unpacked (llm.setup(..., quantize='none')) to serve it, or "
-               if raw.get("use_dora") else "")
-        raise InvalidInput(f"Adapter {str(adapter_dir)!r} cannot be loaded: {reason} To use it, {fix}merge it into "
-                           "its base model (peft's merge_and_unload) and load the merged folder with llm.setup.")
+        raise InvalidInput(f"Adapter {str(adapter_dir)!r} cannot be loaded: {reason} To use it on this base model "
+                           "as it is, merge it in (peft's merge_and_unload) and load the merged folder with llm.setup.")
     try:
         config = LoraConfig.from_pretrained(str(adapter_dir))
     except (TypeError, ValueError) as exc:

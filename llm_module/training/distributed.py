@@ -36,7 +36,6 @@ from ..errors import (
     NotReady,
     PayloadTooLarge,
 )
-from .params import check_options, resolve_params
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +122,8 @@ def train_distributed(config: LaunchConfig, *, setup_args: dict, base_model_name
                       output_dir: Path, training_params: dict | None, resume_from_checkpoint: bool | str,
                       progress: Callable[[dict], None], cancel: threading.Event, show_progress: bool = False,
                       env: dict[str, str] | None = None, **kwargs) -> dict:
-    """Run ``train_adapter`` as a torchrun job of ``config``; return rank 0's result (as a local run's)."""
-    check_options(kwargs)  # refuse bad options here, before a process starts
-    resolve_params(training_params)
+    """Run ``train_adapter`` as a torchrun job of ``config``; return rank 0's result (as a local run's).
+    Its options and training_params were checked by the caller (engine/training_runs.py) before any launch."""
     spec = {
         "setup_args": setup_args, "base_model_name": base_model_name, "data_file": str(data_file),
         "output_dir": str(output_dir), "training_params": training_params,

@@ -88,9 +88,8 @@ def check_options(kwargs: dict, *, packed_base: bool = False) -> None:
     lora = kwargs.get("lora_config_kwargs")
     reason = unservable_reason(lora, packed_base=packed_base) if isinstance(lora, dict) else None
     if reason:  # refused now, not after a run whose adapter would not load
-        unpack = " or load the base model with llm.setup(..., quantize='none') first" if lora.get("use_dora") else ""
-        raise InvalidInput(f"lora_config_kwargs: {reason} Leave that setting out (llm.train's default trains a plain "
-                           f"LoRA adapter, which the engine serves){unpack}.")
+        raise InvalidInput(f"lora_config_kwargs: {reason} Leave that setting out to train a plain LoRA adapter "
+                           "(llm.train's default), which the engine serves.")
 
 
 def resolve_params(training_params: dict | None) -> TrainingParams:
