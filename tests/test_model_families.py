@@ -159,3 +159,35 @@ def test_every_listed_end_id_ends_generation(tmp_path):
         assert ended.token_ids == free.token_ids[:first + 1] and ended.finish_reason == "stop"
     finally:
         engine.close()
+
+
+def test_rows_continued_from_their_shared_start_give_the_full_forwards_logits(family):
+    """Training runs the tokens every row starts with once a step (training/shared_start.py); on every family the
+    rows continued from that start's keys and values must get the logits the full rows get, windows included."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llm_module.training.shared_start import SharedStart
+
+    name, _, model_dir, _ = family
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    model.set_attn_implementation("eager")  # as training runs on a CPU
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS.get(name, "all-linear"),
+                                                  task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for param_name, param in peft_model.named_parameters():
+            if "lora_B" in param_name:  # an adapter that changes the shared start's keys and values too
+                param.copy_(torch.randn(param.shape, generator=generator))
+    shared = torch.randint(5, 200, (1, 30), generator=generator)  # longer than the sliding windows (24)
+    ids = torch.cat([shared.repeat(3, 1), torch.randint(5, 200, (3, 12), generator=generator)], dim=1)
+    mask = torch.ones_like(ids)
+    mask[2, -5:] = 0  # a shorter row, padded on the right as the collator pads
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        full = peft_model(**inputs, logits_to_keep=10).logits
+        runner = SharedStart(30)
+        continued = runner.forward(peft_model, inputs, start=32, keep=10).logits
+    real = mask[:, -10:].bool()
+    assert torch.allclose(full[real], continued[real], atol=1e-5), (name, (full - continued)[real].abs().max())
+    assert runner.tokens_run_once == 30, name  # the first step's check kept the shortcut

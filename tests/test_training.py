@@ -288,6 +288,8 @@ def test_each_format_trains_and_loads_with_plain_peft(fmt, tiny_model_dir, tmp_p
     data = write_jsonl(tmp_path / f"{fmt}.jsonl", RECORDS[fmt])
     result, reports = run_training(tiny_model_dir, data, tmp_path / "out", val_set_size=2)
     assert not result["cancelled"] and result["steps"] == 2 and result["params"]["data_format"] == fmt
+    # chat rows all start with the template's system turn, run once a step (shared_start.py); raw text has none
+    assert (result["params"]["shared_start_tokens"] >= 8) == (fmt != "text"), result["params"]
     assert result["train_tokens"] > 0 and result["eval_loss"] > 0 and result["perplexity"] > 1
     assert reports[-1]["state"] == "done" and any(r.get("loss") for r in reports)
     final = Path(result["adapter_dir"])

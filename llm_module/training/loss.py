@@ -4,7 +4,8 @@ The LM head (576 x 49152 on the default model) and the cross-entropy over the wh
 vocabulary cost a fifth or more of each step. With the loss on the response only, most
 positions are prompt, so the logits are computed from the first labelled position of
 the batch onward (``logits_to_keep``); the result is the same loss, faster and with less
-memory than logits for every position. ``label_smoothing_factor`` (a TrainingArguments field a
+memory than logits for every position. The tokens every row starts with run once a step
+(shared_start.py). ``label_smoothing_factor`` (a TrainingArguments field a
 caller may set through training_args_kwargs) applies here, as Trainer's own loss would apply it.
 
 Its rows come in an order drawn from (seed, epoch) alone (sampler.py), so a resumed run trains
@@ -16,6 +17,7 @@ from __future__ import annotations
 from transformers import Trainer
 
 from .sampler import epoch_seeded
+from .shared_start import SharedStart
 
 
 def first_labelled_position(labels) -> int:
@@ -28,6 +30,8 @@ def first_labelled_position(labels) -> int:
 
 
 class ResponseLossTrainer(Trainer):
+    shared_start: SharedStart | None = None  # the rows' common first tokens, run once a step (shared_start.py)
+
     def _get_train_sampler(self, train_dataset=None):
         return epoch_seeded(super()._get_train_sampler(train_dataset), self.args.seed)
 
@@ -38,7 +42,10 @@ class ResponseLossTrainer(Trainer):
         start = first_labelled_position(labels)
         keep = labels.shape[1] - start
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**model_inputs, logits_to_keep=keep)
+        if self.shared_start is not None:
+            outputs = self.shared_start.forward(model, model_inputs, start, keep)
+        else:
+            outputs = model(**model_inputs, logits_to_keep=keep)
         logits = outputs.logits[:, :-1].float()  # position i predicts token i + 1
         target = labels[:, start + 1:]
         total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,

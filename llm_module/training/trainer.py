@@ -37,6 +37,7 @@ from .prompt_dropout import PromptDropout
 from .protect import GeneralSubspaceGuard, check_share, general_subspaces
 from .provenance import base_provenance
 from .report import write_loss_curve, write_training_log
+from .shared_start import SharedStart, shared_start
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def train_adapter(model, tokenizer, *, data_file: Path, output_dir: Path, traini
     with disable_input_dtype_casting(peft_model, active=cpu_bf16):  # autocast gives LoRA bf16 inputs as they are
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
     peft_model.eval()
+    data_summary["shared_start_tokens"] = trainer.shared_start.tokens_run_once
     state = trainer.state
     result = {
         "cancelled": monitor.cancelled,
@@ -330,6 +332,7 @@ def _trainer(peft_model, tokenizer, output_dir: Path, params: TrainingParams, pl
         callbacks=[monitor] + ([dropout] if dropout else []),
     )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict when the progress bar is off
+    trainer.shared_start = SharedStart(shared_start([row.input_ids for row in train_rows]))
     return trainer
 
 
