@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 log = logging.getLogger(__name__)
 
-MIN_SHARED = 8  # below this, the second forward call costs more than the tokens it saves
+MIN_SHARED = 8  # a start of a few tokens saves too little to pay for a second forward call (not measured)
 AGREEMENT = 1e-2  # largest logit difference, as a share of the largest logit, that still counts as the same
 
 
@@ -80,6 +80,8 @@ class SharedStart:
         with torch.no_grad():
             full = model(**inputs, logits_to_keep=keep).logits.float()
             continued = self._continue(model, inputs, shared, keep).logits.float()
+        real = inputs["attention_mask"][:, -keep:].bool()  # padding's logits are never read
+        full, continued = full[real], continued[real]
         gap = float((full - continued).abs().max()) / max(float(full.abs().max()), 1e-6)
         if gap > AGREEMENT:
             log.warning("Running the rows' shared start once changed the logits (%.3g of their size) on this "
