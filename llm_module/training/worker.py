@@ -32,7 +32,7 @@ def emit(event: str, **fields) -> None:
 
 
 class RankActivity:
-    """Counts the training forward passes and tokens of this rank: proof that it did its share."""
+    """Counts the forward passes that train (one a micro-batch) and their tokens: proof this rank did its share."""
 
     def __init__(self, model) -> None:
         self.micro_batches = 0
@@ -40,7 +40,10 @@ class RankActivity:
         model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs) -> None:
-        if not module.training:  # evaluation passes are not training work
+        import torch
+
+        # evaluation passes are not training work; nor are shared_start.py's no-grad passes (the start once, its check)
+        if not module.training or not torch.is_grad_enabled():
             return
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args else None)
