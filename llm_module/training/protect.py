@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 from ..errors import InvalidInput
 from ..prompts import render_prompt
 from .data import PaddingCollator, Tokenized
+from .shared_start import shared_start
 
 PROMPT_FILES = (Path(__file__).with_name("calibration_questions.json"), Path(__file__).with_name("replay_prompts.json"))
 BATCH_SIZE = 16
@@ -99,7 +100,7 @@ def _input_moments(model, tokenizer, texts: list[str]) -> dict:
     handles = [module.register_forward_pre_hook(record(name)) for name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear) and "lm_head" not in name]
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    prefix = _shared_prefix(rows)
+    prefix = shared_start(rows)
     was_training = model.training
     model.eval()
     try:
@@ -122,13 +123,6 @@ def _input_moments(model, tokenizer, texts: list[str]) -> dict:
         for handle in handles:
             handle.remove()
     return moments
-
-
-def _shared_prefix(rows: list[list[int]]) -> int:
-    for i in range(min(len(r) for r in rows)):
-        if any(r[i] != rows[0][i] for r in rows):
-            return i
-    return min(len(r) for r in rows)
 
 
 class GeneralSubspaceGuard(TrainerCallback):
