@@ -101,13 +101,14 @@ def _input_moments(model, tokenizer, texts: list[str]) -> dict:
                if isinstance(module, torch.nn.Linear) and "lm_head" not in name]
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     prefix = shared_start(rows)
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model  # the hooks read no logits: skip the head
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             if prefix:  # the chat template's system turn: the same activations in every row, read once, counted for all
                 state["weight"] = float(len(rows))
-                model(input_ids=torch.tensor([rows[0][:prefix]]))
+                body(input_ids=torch.tensor([rows[0][:prefix]]))
                 state.update(weight=1.0, read={})
             order = sorted(rows, key=len)
             pad = PaddingCollator(tokenizer.pad_token_id or 0, multiple_of=1)
@@ -116,7 +117,7 @@ def _input_moments(model, tokenizer, texts: list[str]) -> dict:
                 counted = batch["attention_mask"].bool()
                 counted[:, :prefix] = False
                 state["counted"] = counted.reshape(-1)
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 state["read"] = {}
     finally:
         model.train(was_training)
