@@ -500,13 +500,17 @@ def test_protect_general_keeps_the_adapter_out_of_what_general_prompts_use(tiny_
     subspaces = protect.input_subspaces(loaded.model, loaded.tokenizer, texts, DEFAULT_PROTECT_GENERAL)
     data = write_jsonl(tmp_path / "d.jsonl", ALPACA)
     same = {"check_forgetting": False, "base_dtype": "float32"}  # the subspaces above were measured in float32
+    protect._kept.clear()  # earlier tests' runs on the tiny model: this one measures
     guarded, reports = run_training(tiny_model_dir, data, tmp_path / "on", {"EPOCHS": 3}, **same)
     assert guarded["params"]["protect_general"] == DEFAULT_PROTECT_GENERAL == 0.99
-    assert guarded["params"]["protect_seconds"] > 0
+    assert guarded["params"]["protect_seconds"] > 0 and not guarded["params"]["protect_reused"]
     low, high = guarded["params"]["protected_dims"]
     assert 0 < low <= high <= 0.75 * 128  # a quarter of each layer stays free (protect.MAX_PROTECTED)
     assert any(r.get("state") == "measuring general inputs" for r in reports)
     assert _protected_share(Path(guarded["adapter_dir"]), subspaces) < 1e-3
+    again, _ = run_training(tiny_model_dir, data, tmp_path / "again", {"EPOCHS": 3}, **same)
+    assert again["params"]["protect_reused"] and again["params"]["protected_dims"] == [low, high]
+    assert _protected_share(Path(again["adapter_dir"]), subspaces) < 1e-3  # kept from the run before, still right
     free, _ = run_training(tiny_model_dir, data, tmp_path / "off", {"EPOCHS": 3}, protect_general=0, **same)
     assert free["params"]["protect_general"] == 0 and "protect_seconds" not in free["params"]
     assert _protected_share(Path(free["adapter_dir"]), subspaces) > 0.3

@@ -36,6 +36,12 @@ _base_cache: dict[tuple, list[bool]] = {}
 _cache_lock = threading.Lock()
 
 
+def base_source(model) -> str:
+    """Where the base model's weights came from ("" when unknown): with its dtype, what a base model's
+    measurements are kept under for the process."""
+    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+
+
 def load_questions(path: Path = QUESTIONS_FILE) -> list[dict]:
     """[{"question", "expected": [substrings], "topic"}] from the question file."""
     rows = json.loads(path.read_text(encoding="utf-8"))
@@ -118,7 +124,7 @@ def base_scores(model, tokenizer, *, template: str = "auto", questions: list[dic
     start = time.perf_counter()
     questions = questions if questions is not None else load_questions()
     prompts = _prompts(tokenizer, questions, template)
-    source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    source = base_source(model)
     key = (source, str(model.dtype), template, tuple(prompts), tuple(tuple(q["expected"]) for q in questions))
     with _cache_lock:
         right = _base_cache.get(key) if source else None

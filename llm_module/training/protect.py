@@ -14,6 +14,7 @@ the base does, and the catalog is learned through the directions general request
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from transformers import TrainerCallback
 from ..errors import InvalidInput
 from ..prompts import render_prompt
 from .data import PaddingCollator, Tokenized
+from .general import base_source
 from .shared_start import shared_start
 
 PROMPT_FILES = (Path(__file__).with_name("calibration_questions.json"), Path(__file__).with_name("replay_prompts.json"))
@@ -29,6 +31,10 @@ BATCH_SIZE = 16
 MAX_PROTECTED = 0.75  # of a layer's input dimensions: where general inputs spread over nearly all of them (random
 # or very isotropic models), a quarter stays free, or the adapter could not learn at all (the default model: <= 0.67)
 PROJECT_EVERY = 2  # optimizer steps between projections: A drifts for one step; each projection costs ~55 ms
+# The subspaces depend on the base model alone: the last one's are kept for the process (~80 MB for the default
+# model), so its next run skips the 15-20 s of measuring them.
+_kept: dict[tuple, dict] = {}
+_kept_lock = threading.Lock()
 
 
 def check_share(value) -> float:
@@ -166,7 +172,18 @@ def general_subspaces(model, tokenizer, template: str, share: float) -> tuple[di
     """The protected subspaces of the plain model's linear layers, and what making them took."""
     start = time.perf_counter()
     texts = general_prompts(tokenizer, template)
-    subspaces = input_subspaces(model, tokenizer, texts, share)
+    source = base_source(model)
+    key = (source, str(model.dtype), str(getattr(model.config, "_attn_implementation", "")), share, tuple(texts))
+    with _kept_lock:
+        subspaces = _kept.get(key) if source else None
+    reused = subspaces is not None
+    if subspaces is None:
+        subspaces = input_subspaces(model, tokenizer, texts, share)
+        if source:
+            with _kept_lock:
+                _kept.clear()
+                _kept[key] = subspaces
     dims = [basis.shape[1] if inside else basis.shape[0] - basis.shape[1] for basis, inside in subspaces.values()]
     return subspaces, {"prompts": len(texts), "layers": len(subspaces), "protected_dims_min": min(dims, default=0),
-                       "protected_dims_max": max(dims, default=0), "seconds": round(time.perf_counter() - start, 1)}
+                       "protected_dims_max": max(dims, default=0), "reused": reused,
+                       "seconds": round(time.perf_counter() - start, 1)}

@@ -358,7 +358,7 @@ def _protected_subspaces(model, tokenizer, template: str, share: float, data_sum
         return None
     progress({"state": "measuring general inputs"})
     subspaces, info = general_subspaces(model, tokenizer, template, share)
-    data_summary.update(protect_seconds=info["seconds"],
+    data_summary.update(protect_seconds=info["seconds"], protect_reused=info["reused"],
                         protected_dims=[info["protected_dims_min"], info["protected_dims_max"]])
     log.info("Protected general subspaces: %s", info)
     if not subspaces:  # e.g. GPT-2's Conv1D layers: nothing the guard knows how to measure
