@@ -519,6 +519,21 @@ def test_protect_general_keeps_the_adapter_out_of_what_general_prompts_use(tiny_
             run_training(tiny_model_dir, data, tmp_path / "bad", protect_general=bad)
 
 
+def test_protected_subspaces_are_kept_for_the_same_base_model_only(tiny_model_dir):
+    import torch
+
+    from llm_module.training import protect
+
+    loaded = load_model(str(tiny_model_dir), models_dir=Settings().models_dir)
+    first, _ = protect.general_subspaces(loaded.model, loaded.tokenizer, "chat", 0.99)
+    again, reused = protect.general_subspaces(loaded.model, loaded.tokenizer, "chat", 0.99)
+    assert reused["reused"] and again is first
+    assert not protect.general_subspaces(loaded.model, loaded.tokenizer, "chat", 0.95)[1]["reused"]
+    with torch.no_grad():  # the same path holding other weights (a model saved over it) is another model
+        next(loaded.model.parameters()).view(-1)[0] += 1.0
+    assert not protect.general_subspaces(loaded.model, loaded.tokenizer, "chat", 0.99)[1]["reused"]
+
+
 def test_the_protect_prompts_are_general_and_none_is_a_question_of_the_check():
     from llm_module.training import protect
     from llm_module.training.general import load_questions

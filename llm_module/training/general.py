@@ -9,7 +9,7 @@ go in (the base score), and after training with the adapter active (the adapter 
 ``retained`` is adapter score / base score.
 
 The base answers depend only on the base model, so they are kept for the life of the process
-(keyed by the model's weights folder and the questions): a second run on the same base only
+(keyed by the model's weights folder, a sample of its weights and the questions): a second run on the same base only
 answers with its adapter.
 """
 
@@ -36,10 +36,15 @@ _base_cache: dict[tuple, list[bool]] = {}
 _cache_lock = threading.Lock()
 
 
-def base_source(model) -> str:
-    """Where the base model's weights came from ("" when unknown): with its dtype, what a base model's
-    measurements are kept under for the process."""
-    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+def base_identity(model) -> str:
+    """Which base model this is ("" when unknown): where its weights came from and a sample of them (a
+    model saved over the same path is another model). With its dtype, what a base model's measurements
+    are kept under for the process."""
+    source = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if not source:
+        return ""
+    sample = tuple(float(p.detach().reshape(-1)[:16].float().sum()) for p in model.parameters())  # ~5 ms
+    return f"{source}#{hash(sample):x}"
 
 
 def load_questions(path: Path = QUESTIONS_FILE) -> list[dict]:
@@ -124,10 +129,10 @@ def base_scores(model, tokenizer, *, template: str = "auto", questions: list[dic
     start = time.perf_counter()
     questions = questions if questions is not None else load_questions()
     prompts = _prompts(tokenizer, questions, template)
-    source = base_source(model)
-    key = (source, str(model.dtype), template, tuple(prompts), tuple(tuple(q["expected"]) for q in questions))
+    identity = base_identity(model)
+    key = (identity, str(model.dtype), template, tuple(prompts), tuple(tuple(q["expected"]) for q in questions))
     with _cache_lock:
-        right = _base_cache.get(key) if source else None
+        right = _base_cache.get(key) if identity else None
     if right is None:
         answers = answer_all(model, tokenizer, prompts)
         right = [is_right(a, q["expected"]) for a, q in zip(answers, questions, strict=True)]

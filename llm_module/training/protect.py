@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from ..errors import InvalidInput
 from ..prompts import render_prompt
 from .data import PaddingCollator, Tokenized
-from .general import base_source
+from .general import base_identity
 from .shared_start import shared_start
 
 PROMPT_FILES = (Path(__file__).with_name("calibration_questions.json"), Path(__file__).with_name("replay_prompts.json"))
@@ -32,7 +32,7 @@ MAX_PROTECTED = 0.75  # of a layer's input dimensions: where general inputs spre
 # or very isotropic models), a quarter stays free, or the adapter could not learn at all (the default model: <= 0.67)
 PROJECT_EVERY = 2  # optimizer steps between projections: A drifts for one step; each projection costs ~55 ms
 # The subspaces depend on the base model alone: the last one's are kept for the process (~80 MB for the default
-# model), so its next run skips the 15-20 s of measuring them.
+# model), so its next run skips the 15-20 s of measuring them (bench/findings.md).
 _kept: dict[tuple, dict] = {}
 _kept_lock = threading.Lock()
 
@@ -172,14 +172,14 @@ def general_subspaces(model, tokenizer, template: str, share: float) -> tuple[di
     """The protected subspaces of the plain model's linear layers, and what making them took."""
     start = time.perf_counter()
     texts = general_prompts(tokenizer, template)
-    source = base_source(model)
-    key = (source, str(model.dtype), str(getattr(model.config, "_attn_implementation", "")), share, tuple(texts))
+    identity = base_identity(model)
+    key = (identity, str(model.dtype), str(getattr(model.config, "_attn_implementation", "")), share, tuple(texts))
     with _kept_lock:
-        subspaces = _kept.get(key) if source else None
+        subspaces = _kept.get(key) if identity else None
     reused = subspaces is not None
     if subspaces is None:
         subspaces = input_subspaces(model, tokenizer, texts, share)
-        if source:
+        if identity:
             with _kept_lock:
                 _kept.clear()
                 _kept[key] = subspaces
