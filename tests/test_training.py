@@ -17,7 +17,7 @@ from llm_module.settings import Settings
 from llm_module.training import check_output_dir, train_adapter
 from llm_module.training.data import Example, detect_format, load_examples, tokenize_examples
 from llm_module.training.params import SEED_DEFAULTS, plan_steps, resolve_params
-from llm_module.training.prompt_dropout import PromptDropout
+from llm_module.training.prompt_dropout import PromptDropout, keep_names
 
 DATA = Path(__file__).parent / "data"
 FAST = {"MICRO_BATCH_SIZE": 4, "BATCH_SIZE": 4, "EPOCHS": 1, "LEARNING_RATE": 5e-3, "CUTOFF_LEN": 128,
@@ -147,6 +147,22 @@ def test_prompt_dropout_is_fixed_by_seed_epoch_and_row_and_keeps_the_response(to
     assert tuple(first.input_ids) not in others  # another row, seed or epoch draws other drops
     assert PromptDropout(0.0, seed=5).apply(row, 0) is row
     assert len(PromptDropout(0.99, seed=5).apply(row, 0)) >= len(row) - len(row.droppable) + 1  # a word stays
+
+
+def test_prompt_dropout_drops_only_the_words_many_prompts_share(tokenizer, tmp_path):
+    names = ["Alder Kettle", "Birch Lamp", "Cedar Stool", "Dunmore Rug", "Elm Crate", "Fennick Vase"]
+    records = [{"instruction": f"How much does the {name} cost?", "input": "", "output": f"It costs ${i}."}
+               for i, name in enumerate(names)]
+    rows, _ = load_examples(write_jsonl(tmp_path / "r.jsonl", records), tokenizer, data_format=None,
+                            prompt_template=None, cutoff_len=256, train_on_inputs=False)
+    kept = keep_names(rows, share=0.5)
+    for row, before, name in zip(kept, rows, names, strict=True):
+        assert row.input_ids == before.input_ids and row.labels == before.labels
+        assert set(row.droppable) < set(before.droppable)
+        words = _droppable_text(tokenizer, row)
+        assert "much" in words and "cost" in words  # the question's wording, in every prompt, may go
+        assert all(part not in words for part in name.split())  # a name, in one prompt alone, stays
+    assert keep_names(rows, share=0.0) == rows  # share 0: every word of the prompt may be dropped
 
 
 def test_long_text_is_cut_into_overlapping_windows(tokenizer):

@@ -25,7 +25,7 @@ DEFAULTS = {
     "LORA_R": 16,
     "LORA_ALPHA": 32,
     "LORA_DROPOUT": 0.0,  # dropout masks cost ~15 % of a CPU step (bench/findings.md)
-    "PROMPT_DROPOUT": 0.0,  # share of the user's words left out of each row each epoch: prompt_dropout.py (opt-in)
+    "PROMPT_DROPOUT": 0.0,  # share of the prompts' common words left out of each row: prompt_dropout.py (opt-in)
     "WEIGHT_DECAY": 1.0,  # AdamW's decoupled decay of the LoRA weights: what the data does not hold up fades
     "WARMUP_STEPS": None,  # None: WARMUP_FRACTION of the optimizer steps
     "TARGET_MODULES": "all-linear",

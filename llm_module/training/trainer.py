@@ -33,7 +33,7 @@ from .params import (
     plan_steps,
     resolve_params,
 )
-from .prompt_dropout import PromptDropout
+from .prompt_dropout import PromptDropout, keep_names
 from .protect import GeneralSubspaceGuard, check_share, general_subspaces
 from .provenance import base_provenance
 from .report import write_loss_curve, write_training_log
@@ -322,6 +322,8 @@ def _trainer(peft_model, tokenizer, output_dir: Path, params: TrainingParams, pl
     args = _training_arguments(output_dir, params, plan, bool(eval_rows), seed, show_progress, on_cuda, cpu_bf16,
                                overrides)
     dropout = PromptDropout(params.PROMPT_DROPOUT, seed) if params.PROMPT_DROPOUT else None
+    if dropout:
+        train_rows = keep_names(train_rows)
     trainer = ResponseLossTrainer(
         model=peft_model,
         args=args,
