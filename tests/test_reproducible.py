@@ -16,6 +16,7 @@ import pytest
 from llm_module.loader import load_model
 from llm_module.settings import Settings
 from llm_module.training import train_adapter
+from llm_module.training.data import load_examples
 
 PARAMS = {"MICRO_BATCH_SIZE": 4, "BATCH_SIZE": 4, "EPOCHS": 2, "LEARNING_RATE": 5e-3, "CUTOFF_LEN": 128,
           "LORA_R": 4, "LORA_ALPHA": 8, "LORA_DROPOUT": 0.1,
@@ -35,7 +36,13 @@ def _train(model_dir: Path, data: Path, out: Path, *, seed: int, disturb: int, r
                            resume_from_checkpoint=resume, progress=lambda _: None, cancel=threading.Event(),
                            base_model_name="tiny", show_progress=False, seed=seed, check_forgetting=False,
                            val_set_size=2, **options)
-    steps = json.loads((out / "training_log.json").read_text())["steps"]
+    log = json.loads((out / "training_log.json").read_text())
+    rows, _ = load_examples(data, loaded.tokenizer, data_format=None, prompt_template=None, cutoff_len=128,
+                            train_on_inputs=False)
+    user_tokens = {row.input_ids[p] for row in rows for p in row.droppable}
+    # the words the prompts share ("What is the code of item") may be dropped; most item numbers are in one row
+    assert 0 < log["params"]["prompt_dropout_tokens"] < len(user_tokens)
+    steps = log["steps"]
     return load_file(str(Path(result["adapter_dir"]) / "adapter_model.safetensors")), steps
 
 

@@ -77,6 +77,9 @@ def train_adapter(model, tokenizer, *, data_file: Path, output_dir: Path, traini
         progress({"state": "preparing general examples"})
         train_rows = train_rows + _replay_rows(model, tokenizer, template, replay, seed, params)
     data_summary["replay_examples"] = len(train_rows) - data_summary["train_examples"]
+    if params.PROMPT_DROPOUT:  # only the words many prompts share may be dropped, never the names
+        train_rows = keep_names(train_rows)
+        data_summary["prompt_dropout_tokens"] = len({r.input_ids[p] for r in train_rows for p in r.droppable})
     max_steps = (kwargs.get("training_args_kwargs") or {}).get("max_steps")
     plan = plan_steps(params, len(train_rows), max_steps if isinstance(max_steps, int) else None)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -322,8 +325,6 @@ def _trainer(peft_model, tokenizer, output_dir: Path, params: TrainingParams, pl
     args = _training_arguments(output_dir, params, plan, bool(eval_rows), seed, show_progress, on_cuda, cpu_bf16,
                                overrides)
     dropout = PromptDropout(params.PROMPT_DROPOUT, seed) if params.PROMPT_DROPOUT else None
-    if dropout:
-        train_rows = keep_names(train_rows)
     trainer = ResponseLossTrainer(
         model=peft_model,
         args=args,
