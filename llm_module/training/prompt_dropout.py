@@ -12,9 +12,10 @@ Dropping any word took the question's wording away as a cue, and the adapter ans
 questions in the catalog's shape too: on public seed 42 at 0.3 general knowledge kept 64 % (any
 word) against 80 % (common words), and the facts were learned less (final loss 0.024 vs 0.0024).
 
-It is off by default: at 0.3, over seeds 42-44, it lifts the worst seed's paraphrases where the
-questions share one frame (rail 62 -> 78 %, courses 72 -> 83 %), but on public it cost them on every
-seed (worst 93 -> 82 %, general knowledge kept 92 -> 80 %). Figures in bench/findings.md.
+It is off by default: at 0.3, over seeds 42-44, it lifts the worst seed's paraphrases on two catalogs
+(rail 62 -> 78 %, courses 72 -> 83 %), but on public it cost them on every seed (worst 93 -> 82 %,
+general knowledge kept 92 -> 80 %); which words a user will reword is not in the data. Figures in
+bench/findings.md.
 
 The tokens dropped are a function of (seed, epoch, row) alone, not of how many rows were read
 before: the same run twice drops the same tokens, and a resumed run drops what the uninterrupted
